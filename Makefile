@@ -1,0 +1,36 @@
+# Everything starts from nothing: `make test` and `make run` build .venv first if it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/main
+# Tests simulate 8 devices on the host CPU; each test module that needs a mesh checks this.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: venv run test lint format bench clean
+
+$(BIN)/instructrl: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e ".[test,plots]"
+	touch $(BIN)/instructrl
+
+venv: $(BIN)/instructrl
+
+# The main job: the pipeline on its small built-in default (pretrain a tiny base model, then SFT).
+run: venv
+	$(BIN)/instructrl pipeline --workdir $(WORKDIR)
+
+test: venv
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: venv
+	$(BIN)/python scripts/bench_train.py --preset tiny
+
+clean:
+	rm -rf $(VENV) runs

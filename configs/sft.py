@@ -1,0 +1,44 @@
+"""Supervised fine-tuning on demonstrations (paper step 1, appendix C.1).
+
+Paper defaults: 16 epochs, cosine decay to 10% of peak with no warmup, residual dropout 0.2,
+selection on validation data.
+
+  instructrl train --config configs/sft.py:runlocal --workdir runs/sft
+  instructrl train --config configs/sft.py --config.data.path=alpaca.json \\
+      --config.init_from=runs/pretrain --workdir runs/sft
+"""
+
+from instructrl import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg)
+    c = config_lib.base_config()
+    c.stage = "sft"
+    c.model.preset = args.get("model", "tiny")
+    c.model.dropout = 0.2
+    c.data = dict(
+        kind="demonstrations",
+        path=str(args.get("data", config_lib.asset("alpaca-excerpt.json"))),
+        template="{prompt}\n\n",
+        seq_len=128,
+        eval_examples=32,
+        num_eval_prompts=4,
+        max_examples=0,
+        skip_too_long=True,
+    )
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 0
+    c.optimizer.final_frac = 0.1
+    c.train.batch_size = 16
+    c.train.epochs = 16.0
+    c.evals.heldout = dict(type="heldout_loss", every_steps=200, batch_size=16)
+    c.evals.samples = dict(type="samples", every_steps=0, max_new_tokens=48)
+    c.checkpoint.select_by = "eval/loss"
+    if args.get("runlocal"):
+        c.model.dropout = 0.1
+        c.train.epochs = 0.0
+        c.train.steps = 60
+        c.checkpoint.every_steps = 20
+        c.evals.heldout.every_steps = 30
+    return c.lock()

@@ -1,0 +1,3 @@
+from instructrl.main import cli
+
+cli()

@@ -1,0 +1,88 @@
+"""Checkpoints through orbax: async, keep-N, atomic; and the resume order.
+
+Resume order (every stage):
+  1. a checkpoint in ``workdir/checkpoints``: full resume (params, optimizer state, step; the
+     data position is a function of the step, so the run continues on the exact next batch);
+  2. else ``init_from``: params only, from another stage's workdir (SFT -> RM, SFT + RM -> PPO);
+  3. else the freshly initialized state.
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def manager(directory: str, keep: int = 2, every_steps: int = 1, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=every_steps,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
+    """Save a dict of arrays (e.g. {"step", "params", "opt_state"}); async when configured."""
+    return mngr.save(step, args=ocp.args.PyTreeSave(state), force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> dict:
+    """Restore into the shapes, dtypes and shardings of ``abstract_state``."""
+    return mngr.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        ),
+    )
+
+
+def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
+    """Params (only) of the latest checkpoint of another stage's workdir, restored into the
+    shardings of ``abstract_params``. ``abstract_params`` may be a sub-tree of that stage's
+    params (e.g. the trunk without the LM head); extra saved entries are ignored."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    mngr = ocp.CheckpointManager(directory)
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"init_from={workdir!r}: no checkpoint under {directory}")
+    saved = mngr.item_metadata(step)
+    saved_tree = saved.tree if hasattr(saved, "tree") else saved
+    if saved_tree is not None and key in saved_tree:
+        target = _partial_target(saved_tree[key], abstract_params)
+    else:
+        target = abstract_params
+    restored = mngr.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            item={key: target},
+            restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
+            partial_restore=True,
+        ),
+    )
+    mngr.close()
+    log.info("init_from %s (step %d)", directory, step)
+    return restored[key]
+
+
+def _partial_target(saved: Any, wanted: Any) -> Any:
+    """Check that every wanted leaf exists in the saved tree with the same shape."""
+    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(wanted)[0]:
+        name = jax.tree_util.keystr(path)
+        if path not in flat_saved:
+            raise KeyError(f"init_from: parameter {name} is missing from the checkpoint")
+        got = tuple(flat_saved[path].shape)
+        if got != tuple(leaf.shape):
+            raise ValueError(f"init_from: parameter {name} has shape {got}, model needs {leaf.shape}")
+    return wanted

@@ -1,0 +1,72 @@
+"""Command line: ``instructrl [train|pipeline] --config FILE[:ARG] --workdir DIR [--config.x=y]``.
+
+  python -m instructrl.main --config configs/sft.py:runlocal --workdir /tmp/sft
+  instructrl pipeline --workdir runs/main            # the built-in default pipeline
+Configs are Python files exposing ``get_config(arg)``; any field can be overridden on the
+command line with ``--config.<path>=<value>`` (ml_collections config flags).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+COMMANDS = ("train", "pipeline")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sft.py:runlocal")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+    flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (multi-host).")
+    return flags.FLAGS
+
+
+def run_stage(config, workdir: str):
+    """Dispatch one training stage by ``config.stage``."""
+    from instructrl import sft
+
+    if config.stage in ("pretrain", "sft"):
+        return sft.run(config, workdir)
+    raise ValueError(f"config.stage={config.stage!r} is not a known stage (pretrain, sft)")
+
+
+def _main(command: str, flags, argv):
+    del argv
+    import jax
+
+    if flags.jax_distributed:
+        jax.distributed.initialize()
+    jax.config.update("jax_threefry_partitionable", True)
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not flags.workdir:
+        raise SystemExit("--workdir is required")
+    if command == "pipeline":
+        from instructrl import pipeline
+
+        config = flags.config or pipeline.default_config()
+        pipeline.run(config, flags.workdir)
+    else:
+        if flags.config is None:
+            raise SystemExit("--config is required, e.g. --config configs/sft.py:runlocal")
+        run_stage(flags.config, flags.workdir)
+
+
+def cli(argv: list[str] | None = None):
+    from absl import app
+
+    argv = list(sys.argv if argv is None else argv)
+    command = "train"
+    if len(argv) > 1 and argv[1] in COMMANDS:
+        command = argv.pop(1)
+    flags = _define_flags()
+    app.run(functools.partial(_main, command, flags), argv=argv)
+
+
+if __name__ == "__main__":
+    cli()

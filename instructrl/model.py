@@ -1,0 +1,363 @@
+"""One decoder-only transformer for every model of the pipeline.
+
+Two families share one module:
+  * ``gpt``: GPT-2 / GPT-3 (learned positions, LayerNorm, GELU MLP, biases, tied embeddings);
+  * ``llama``: Llama (RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, untied output).
+
+The trunk maps tokens (B, T) to hidden states (B, T, D); a head maps them to next-token logits
+(``head="lm"``, policy and reference models) or to one scalar per position (``head="scalar"``,
+reward and value models, which read it at the last real token). Every parameter and key
+activation carries a logical axis name; ``instructrl.sharding.LOGICAL_RULES`` maps them to mesh
+axes. Left-padded rows are correct when the caller passes ``attention_mask`` (and the positions
+that ``positions_from_mask`` derives from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of the transformer.
+
+    ``num_kv_heads < num_heads`` gives grouped-query attention; ``head_dim`` defaults to
+    d_model // num_heads; ``mlp_dim`` defaults to 4 * d_model (gpt) or the Llama 8/3 rule.
+    ``remat`` is "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
+    ``attention`` is passed to ``jax.nn.dot_product_attention(implementation=...)``: None lets
+    JAX choose, "cudnn" forces the fused GPU kernel, "xla" the reference path.
+    """
+
+    family: str = "gpt"
+    vocab_size: int = 384
+    max_len: int = 256
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.family not in ("gpt", "llama"):
+            raise ValueError(f"model.family must be 'gpt' or 'llama', got {self.family!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of "
+                f"model.num_kv_heads={self.kv_heads}"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_dim:
+            return self.mlp_dim
+        if self.family == "gpt":
+            return 4 * self.d_model
+        return 256 * -(-int(8 * self.d_model / 3) // 256)  # Llama: 2/3 of 4d, rounded up
+
+    @property
+    def tied(self) -> bool:
+        return self.family == "gpt" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids (B, T) that start at 0 on each row's first real token (left padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _init(cfg: ModelConfig, names: tuple[str | None, ...], scale: float = 1.0):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), names)
+
+
+def _ones(names):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt) or RMSNorm (llama), computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        xf = x.astype(jnp.float32)
+        scale = self.param("scale", _ones(("norm",)), (cfg.d_model,), cfg.weight_dtype)
+        if cfg.family == "gpt":
+            bias = self.param("bias", _zeros(("norm",)), (cfg.d_model,), cfg.weight_dtype)
+            mean = xf.mean(-1, keepdims=True)
+            var = jnp.square(xf - mean).mean(-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale + bias
+        else:
+            y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+        return y.astype(cfg.compute_dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """RoPE (Su et al. 2021) in the half-split layout of the Hugging Face Llama code.
+
+    x: (B, T, N, H); positions: (B, T). Pairs feature i with feature i + H/2.
+    """
+    half = x.shape[-1] // 2
+    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        """x: (B, T, D); positions: (B, T); mask: None (plain causal) or (B, 1, T, T) bool."""
+        cfg = self.cfg
+        dense = functools.partial(
+            nn.DenseGeneral,
+            use_bias=cfg.family == "gpt",
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+        )
+        heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        q = dense((heads, hd), kernel_init=_init(cfg, ("embed", "heads", "kv")),
+                  bias_init=_zeros(("heads", "kv")), name="query")(x)  # (B, T, N, H)
+        k = dense((kv_heads, hd), kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
+                  bias_init=_zeros(("kv_heads", "kv")), name="key")(x)  # (B, T, K, H)
+        v = dense((kv_heads, hd), kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
+                  bias_init=_zeros(("kv_heads", "kv")), name="value")(x)  # (B, T, K, H)
+        if cfg.family == "llama":
+            q = rotary(q, positions, cfg.rope_theta)
+            k = rotary(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "act_kv"))
+        k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
+        v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=mask is None, implementation=cfg.attention
+        )  # (B, T, N, H)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "act_kv"))
+        # GPT-2's scaled init of residual projections: std / sqrt(2 * num_layers).
+        return dense(
+            cfg.d_model,
+            axis=(-2, -1),
+            kernel_init=_init(cfg, ("heads", "kv", "embed"), (2 * cfg.num_layers) ** -0.5),
+            bias_init=_zeros(("embed",)),
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dense = functools.partial(
+            nn.Dense,
+            use_bias=cfg.family == "gpt",
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+        )
+        up = dict(kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
+        if cfg.family == "gpt":
+            h = nn.gelu(dense(cfg.hidden_dim, name="fc_in", **up)(x), approximate=True)
+        else:
+            gate = dense(cfg.hidden_dim, name="gate", **up)(x)
+            h = nn.silu(gate) * dense(cfg.hidden_dim, name="up", **up)(x)
+        h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
+        return dense(
+            cfg.d_model,
+            kernel_init=_init(cfg, ("mlp", "embed"), (2 * cfg.num_layers) ** -0.5),
+            bias_init=_zeros(("embed",)),
+            name="fc_out",
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. Returns (x, None) so that ``nn.scan`` can carry x."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
+        x = x + drop(Attention(cfg, name="attn")(Norm(cfg, name="norm_attn")(x), positions, mask))
+        x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="norm_mlp")(x)))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+        return x, None
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    policy = None
+    if cfg.remat == "dots":
+        policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer with an LM head or a scalar head.
+
+    __call__(tokens (B, T) int, positions (B, T) int | None, attention_mask (B, T) | None,
+             segment_ids (B, T) int | None, deterministic) ->
+      head "lm": logits (B, T, V) float32;  head "scalar": values (B, T) float32;
+      head "none": hidden states (B, T, D).
+    With neither attention_mask nor segment_ids the attention is plain causal (the fused
+    kernel's fastest path): right padding needs no mask because no real token sees it.
+    """
+
+    cfg: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        attention_mask=None,
+        segment_ids=None,
+        deterministic: bool = True,
+    ):
+        cfg = self.cfg
+        _, seq_len = tokens.shape
+        if attention_mask is not None and positions is None:
+            positions = positions_from_mask(attention_mask)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq_len), tokens.shape)
+        mask = None
+        if attention_mask is not None or segment_ids is not None:
+            mask = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None]  # (1, 1, T, S)
+            if attention_mask is not None:
+                mask = mask & attention_mask.astype(bool)[:, None, None, :]
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_init(cfg, ("vocab", "embed")),
+            param_dtype=cfg.weight_dtype,
+            dtype=cfg.compute_dtype,
+            name="embed",
+        )
+        x = embed(tokens)  # (B, T, D)
+        if cfg.family == "gpt":
+            pos_table = self.param(
+                "pos_embed", _init(cfg, (None, "embed")), (cfg.max_len, cfg.d_model),
+                cfg.weight_dtype,
+            )
+            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+        x = x.astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            x, _ = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="layers")(x, positions, mask)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, mask)
+        x = Norm(cfg, name="final_norm")(x)
+
+        if self.head == "none":
+            return x
+        if self.head == "scalar":
+            # Small-scale init keeps initial rewards and values near zero.
+            values = nn.Dense(
+                1,
+                kernel_init=_init(cfg, ("embed", None), 1.0 / (cfg.d_model**0.5)),
+                bias_init=_zeros((None,)),
+                dtype=jnp.float32,
+                param_dtype=cfg.weight_dtype,
+                name="scalar_head",
+            )(x.astype(jnp.float32))
+            return values[..., 0]
+        if cfg.tied:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=_init(cfg, ("embed", "vocab")),
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype,
+                name="lm_head",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unrolled params (layers_0 ... layers_{L-1}) -> scanned params (layers, stacked on axis 0)."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Scanned params -> unrolled params; inverse of ``stack_layers``."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+def count_params(cfg: ModelConfig, head: str = "lm") -> int:
+    """Number of parameters, computed with ``jax.eval_shape`` (nothing is allocated)."""
+    model = Transformer(cfg, head=head)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))

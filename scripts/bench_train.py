@@ -1,0 +1,156 @@
+"""Benchmark one LM train step (the SFT / pretraining step): tokens/s, MFU and peak memory.
+
+  python scripts/bench_train.py --preset gpt2-small --batch 32 --seq 1024 --dtype bfloat16
+  python scripts/bench_train.py --preset tiny --steps 5 --peak-tflops 1   # CPU smoke run
+
+MFU = achieved model FLOP/s over the device's peak, with model FLOPs per token
+6 * N + 12 * L * H * Q * T (PaLM, Chowdhery et al. 2022, appendix B): N the parameters used in
+matmuls (the position table excluded, the tied output projection included), L layers, H heads of
+size Q, T the sequence length. Data is random tokens: the step, not the input pipeline, is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instructrl import sharding
+from instructrl.model import Transformer, count_params
+from instructrl.optim import make_optimizer
+from instructrl.presets import preset
+from instructrl.sft import lm_step
+from instructrl.train import init_train_state
+
+# Dense bf16 peak TFLOP/s by device kind (vendor datasheets).
+PEAK_TFLOPS = {
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def peak_tflops_for(device) -> float | None:
+    kind = device.device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(name):
+            return tflops
+    return None
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    n = count_params(cfg)
+    if cfg.family == "gpt":
+        n -= cfg.max_len * cfg.d_model  # the position table is a lookup, not a matmul
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    return 6.0 * n + attention
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8, help="global batch size (sequences)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default=None, help="None (auto), cudnn or xla")
+    p.add_argument("--no-scan", action="store_true")
+    p.add_argument("--mesh", default="data=-1", help="e.g. data=1,fsdp=8,tensor=1")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak; else known")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    args = p.parse_args(argv)
+
+    jax.config.update("jax_threefry_partitionable", True)
+    cfg = preset(
+        args.preset, dtype=args.dtype, remat=args.remat, attention=args.attention,
+        scan_layers=not args.no_scan, max_len=max(args.seq, preset(args.preset).max_len),
+    )
+    model = Transformer(cfg)
+    mesh_shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
+    mesh = sharding.make_mesh(mesh_shape)
+    rules = sharding.LOGICAL_RULES
+    opt = ml_collections.ConfigDict(
+        dict(lr=1e-4, warmup_steps=0, total_steps=1000, final_frac=0.1, weight_decay=0.1,
+             grad_clip=1.0)
+    )
+    tx, _ = make_optimizer(opt)
+    example = {"tokens": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)}
+    state, shardings, _ = init_train_state(model, tx, jax.random.key(0), example, mesh, rules)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1)).astype(np.int32)
+    host = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+            "loss_mask": np.ones((args.batch, args.seq), np.int32)}
+    batch = sharding.shard_batch(host, mesh)
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+    step = jax.jit(
+        lambda s, b, r: lm_step(model, tx, rules, s, b, r),
+        in_shardings=(shardings, batch_sh, sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    key = jax.random.key(1)
+    with mesh:
+        t0 = time.perf_counter()
+        for _ in range(2):
+            state, metrics = step(state, batch, key)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch, key)
+        jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - t0
+
+    tokens = args.batch * args.seq * args.steps
+    tokens_per_s = tokens / elapsed
+    device = jax.devices()[0]
+    peak = args.peak_tflops or peak_tflops_for(device)
+    achieved = flops_per_token(cfg, args.seq) * tokens_per_s
+    mfu = achieved / (peak * 1e12 * jax.device_count()) if peak else None
+    stats = device.memory_stats() or {}
+    peak_mem = stats.get("peak_bytes_in_use")
+    result = {
+        "preset": args.preset,
+        "device": device.device_kind,
+        "devices": jax.device_count(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "dtype": args.dtype,
+        "params": count_params(cfg),
+        "step_ms": 1000 * elapsed / args.steps,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": achieved / 1e12,
+        "mfu": mfu,
+        "peak_device_memory_gib": peak_mem / 2**30 if peak_mem else None,
+        "host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "warmup_s": compile_s,
+        "loss": float(metrics["loss"]),
+    }
+    print(json.dumps(result, indent=2))
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (pass --peak-tflops)"
+    mem = f"{result['peak_device_memory_gib']:.2f} GiB" if peak_mem else "n/a"
+    print(
+        f"{args.preset} {device.device_kind} x{jax.device_count()}: "
+        f"{tokens_per_s:,.0f} tokens/s, MFU {mfu_text}, peak device memory {mem}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

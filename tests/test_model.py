@@ -1,0 +1,106 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructrl.model import Transformer, count_params, stack_layers, unstack_layers
+from instructrl.presets import GPT3_TABLE, preset
+
+
+def _init(cfg, head="lm", t=12):
+    model = Transformer(cfg, head=head)
+    tokens = jax.random.randint(jax.random.key(0), (2, t), 0, cfg.vocab_size)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox")), tokens
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_left_padding_invariance(name):
+    cfg = preset(name, vocab_size=97)
+    model, params, tokens = _init(cfg)
+    pad = 5
+    padded = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), tokens], axis=1)
+    mask = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), jnp.ones_like(tokens)], axis=1)
+    plain = model.apply({"params": params}, tokens)
+    left = model.apply({"params": params}, padded, attention_mask=mask)
+    chex.assert_shape(left, (2, 12 + pad, 97))
+    np.testing.assert_allclose(left[:, pad:], plain, atol=2e-5, rtol=2e-5)
+    # Rows of different padding in one batch: row 1 has 3 pads more than row 0.
+    mixed_tokens = padded.at[1, : pad + 3].set(0)
+    mixed_mask = mask.at[1, : pad + 3].set(0)
+    out = model.apply({"params": params}, mixed_tokens, attention_mask=mixed_mask)
+    ref = model.apply({"params": params}, tokens[1:, 3:])
+    np.testing.assert_allclose(out[1, pad + 3 :], ref[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_scanned_and_unrolled_layers_agree(name):
+    scanned = preset(name, vocab_size=64, scan_layers=True)
+    unrolled = preset(name, vocab_size=64, scan_layers=False)
+    model_s, params_s, tokens = _init(scanned)
+    model_u = Transformer(unrolled)
+    params_u = unstack_layers(params_s, scanned.num_layers)
+    ref_shapes = jax.eval_shape(lambda: model_u.init(jax.random.key(0), tokens)["params"])
+    chex.assert_trees_all_equal_shapes(
+        jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, ref_shapes,
+                     is_leaf=lambda x: hasattr(x, "value")),
+        params_u,
+    )
+    np.testing.assert_allclose(
+        model_s.apply({"params": params_s}, tokens),
+        model_u.apply({"params": params_u}, tokens),
+        atol=1e-5,
+    )
+    back = stack_layers(params_u, scanned.num_layers)
+    chex.assert_trees_all_equal(back, params_s)
+
+
+def test_remat_and_bf16_agree_with_reference():
+    cfg = preset("llama-tiny", vocab_size=64)
+    model, params, tokens = _init(cfg)
+    ref = model.apply({"params": params}, tokens)
+    remat = Transformer(preset("llama-tiny", vocab_size=64, remat="full"))
+    np.testing.assert_allclose(remat.apply({"params": params}, tokens), ref, atol=1e-5)
+    bf16 = Transformer(preset("llama-tiny", vocab_size=64, dtype="bfloat16"))
+    out = bf16.apply({"params": params}, tokens)
+    chex.assert_type(out, jnp.float32)
+    assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.1
+
+
+def test_scalar_head_shares_trunk_and_dropout_is_stochastic():
+    cfg = preset("tiny", vocab_size=64, dropout=0.5)
+    model, params, tokens = _init(cfg, head="scalar")
+    values = model.apply({"params": params}, tokens)
+    chex.assert_shape(values, (2, 12))
+    chex.assert_type(values, jnp.float32)
+    assert "scalar_head" in params and "lm_head" not in params
+    a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(values, model.apply({"params": params}, tokens))
+
+
+def test_llama_is_untied_with_grouped_query_attention():
+    cfg = preset("llama-tiny", vocab_size=64)
+    _, params, _ = _init(cfg)
+    assert "lm_head" in params and "pos_embed" not in params
+    chex.assert_shape(params["layers"]["attn"]["key"]["kernel"], (2, 64, 2, 16))
+    chex.assert_shape(params["layers"]["attn"]["query"]["kernel"], (2, 64, 4, 16))
+
+
+def test_causality():
+    cfg = preset("tiny", vocab_size=64)
+    model, params, tokens = _init(cfg)
+    changed = tokens.at[:, 7:].set((tokens[:, 7:] + 1) % 64)
+    a = model.apply({"params": params}, tokens)
+    b = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("name", sorted(GPT3_TABLE))
+def test_gpt3_preset_parameter_counts(name):
+    stated = GPT3_TABLE[name][0]
+    n = count_params(preset(name))
+    assert abs(n - stated) / stated < 0.02, (name, n, stated)
