@@ -1,7 +1,8 @@
 """Supervised fine-tuning on demonstrations (paper step 1, appendix C.1).
 
 Paper defaults: 16 epochs, cosine decay to 10% of peak with no warmup, residual dropout 0.2,
-selection on validation data.
+selection on validation data. Args: ``model=<preset>``, ``data=<file>``, ``runlocal`` (seconds
+on a CPU), ``paper`` (appendix C.1 numbers; with ``tokenizer=<dir>``).
 
   instructrl train --config configs/sft.py:runlocal --workdir runs/sft
   instructrl train --config configs/sft.py --config.data.path=alpaca.json \\
@@ -26,6 +27,7 @@ def get_config(arg=None):
         num_eval_prompts=4,
         max_examples=0,
         skip_too_long=True,
+        skip_invalid=True,
     )
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 0
@@ -35,6 +37,15 @@ def get_config(arg=None):
     c.evals.heldout = dict(type="heldout_loss", every_steps=200, batch_size=16)
     c.evals.samples = dict(type="samples", every_steps=0, max_new_tokens=48)
     c.checkpoint.select_by = "eval/loss"
+    if args.get("paper"):
+        # Appendix C.1 (1.3B and 6B): lr 9.65e-6, batch 32, 16 epochs, cosine to 10%, no warmup.
+        c.model.preset = args.get("model", "gpt3-1.3b")
+        c.model.dtype = "bfloat16"
+        c.model.max_len = 2048
+        c.data.seq_len = 2048
+        c.optimizer.lr = 9.65e-6
+        c.train.batch_size = 32
+        c.tokenizer = dict(kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token="")
     if args.get("runlocal"):
         c.model.dropout = 0.1
         c.train.epochs = 0.0

@@ -21,10 +21,9 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-def manager(directory: str, keep: int = 2, every_steps: int = 1, async_save: bool = True):
+def manager(directory: str, keep: int = 2, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        save_interval_steps=every_steps,
         enable_async_checkpointing=async_save,
         create=True,
     )

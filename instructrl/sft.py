@@ -153,7 +153,9 @@ def load_data(config, tokenizer):
         arrays = lm_data.text_arrays(tokenizer, lm_data.read_text_files(data.text_files), seq_len)
         skipped, prompts = 0, list(data.get("eval_prompts", []))
     elif data.kind == "demonstrations":
-        examples = lm_data.load_demonstrations(data.path)
+        examples, invalid = lm_data.load_demonstrations(
+            data.path, skip_invalid=bool(data.get("skip_invalid", False))
+        )
         if data.get("max_examples"):
             examples = examples[: int(data.max_examples)]
         arrays, skipped = lm_data.demonstration_arrays(
@@ -164,6 +166,7 @@ def load_data(config, tokenizer):
             skip_too_long=bool(data.get("skip_too_long", False)),
             source=data.path,
         )
+        skipped += invalid
         prompts = list(data.get("eval_prompts", [])) or [
             ex["prompt"] for ex in examples[: int(data.get("num_eval_prompts", 4))]
         ]

@@ -111,7 +111,6 @@ def fit(
     mngr = checkpoint.manager(
         os.path.join(workdir, "checkpoints"),
         keep=int(ckpt_cfg.keep),
-        every_steps=int(ckpt_cfg.every_steps),
         async_save=bool(ckpt_cfg.get("async_save", True)),
     )
     latest = mngr.latest_step()
@@ -135,6 +134,7 @@ def fit(
     best = _Best(workdir, ckpt_cfg) if ckpt_cfg.get("select_by") else None
     throughput = Throughput()
     log_every = int(train_cfg.log_every)
+    every_save = max(int(ckpt_cfg.every_steps), 1)
     progress = _progress(start, total_steps, enabled=is_main and train_cfg.get("progress", True))
     try:
         for step in range(start, total_steps):
@@ -164,7 +164,8 @@ def fit(
                     log.info("step %d %s: %s", done, name, results)
                     if best is not None:
                         best.update(done, results, state)
-            checkpoint.save(mngr, done, state.as_dict(), force=done == total_steps)
+            if done % every_save == 0 or done == total_steps:
+                checkpoint.save(mngr, done, state.as_dict(), force=True)
             if progress is not None:
                 progress.update(1)
     finally:

@@ -21,12 +21,13 @@ class DataError(ValueError):
     """Bad input: the message names the file, the record (line) and the field."""
 
 
-def _read_records(path: str) -> list[dict]:
-    """Records of a JSON list, a JSONL file or a saved HF dataset directory."""
+def _read_records(path: str) -> list[tuple[str, dict]]:
+    """(where, record) pairs of a JSON list, a JSONL file or a saved HF dataset directory;
+    ``where`` names the file and the line (JSONL) or record number (JSON list, dataset)."""
     if os.path.isdir(path):
         import datasets
 
-        return list(datasets.load_from_disk(path))
+        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(datasets.load_from_disk(path))]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -34,15 +35,16 @@ def _read_records(path: str) -> list[dict]:
         f.seek(0)
         if head == "[":
             try:
-                return json.load(f)
+                records = json.load(f)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+            return [(f"{path}: record {i + 1}", r) for i, r in enumerate(records)]
         records = []
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
         return records
@@ -57,29 +59,41 @@ def _field(record: dict, name: str, where: str) -> str:
     return value
 
 
-def load_demonstrations(path: str) -> list[dict[str, str]]:
-    """[{prompt, response}] from {prompt, response} or Alpaca {instruction, input, output}.
+def load_demonstrations(path: str, skip_invalid: bool = False) -> tuple[list[dict], int]:
+    """([{prompt, response}], number skipped) from {prompt, response} or Alpaca
+    {instruction, input, output} records.
 
     Alpaca prompts are the instruction, then the input (when non-empty) after a blank line.
+    A bad record (missing or mistyped field, empty response) raises a DataError naming the file,
+    the line or record and the field; with ``skip_invalid`` it is skipped and counted instead.
     """
-    out = []
-    for index, record in enumerate(_read_records(path)):
-        where = f"{path}: record {index + 1}"
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-        if "instruction" in record:
-            prompt = _field(record, "instruction", where)
-            extra = record.get("input") or ""
-            if extra:
-                prompt = f"{prompt}\n\n{extra}"
-            response = _field(record, "output", where)
-        else:
-            prompt = _field(record, "prompt", where)
-            response = _field(record, "response", where)
-        if not response.strip():
-            raise DataError(f"{where}: field 'response' is empty")
-        out.append({"prompt": prompt, "response": response})
-    return out
+    out, skipped = [], 0
+    for where, record in _read_records(path):
+        try:
+            out.append(_demonstration(record, where))
+        except DataError:
+            if not skip_invalid:
+                raise
+            skipped += 1
+    return out, skipped
+
+
+def _demonstration(record, where: str) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+    if "instruction" in record:
+        prompt = _field(record, "instruction", where)
+        extra = record.get("input") or ""
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        response = _field(record, "output", where)
+    else:
+        prompt = _field(record, "prompt", where)
+        response = _field(record, "response", where)
+    if not response.strip():
+        field = "output" if "instruction" in record else "response"
+        raise DataError(f"{where}: field {field!r} is empty")
+    return {"prompt": prompt, "response": response}
 
 
 def encode_demonstration(
