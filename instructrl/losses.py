@@ -33,3 +33,44 @@ def masked_nll(
     nll = -token_logprobs(logits, targets)  # (B, T)
     num_tokens = mask.sum()
     return (nll * mask).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
+
+
+def ranking_loss(
+    rewards: jax.Array, ranks: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The reward model's K-way ranking loss, paper eq. (1), all pairs of a prompt in one element.
+
+    loss = -1/C(K,2) E[log sigmoid(r(x, y_w) - r(x, y_l))]: for each prompt, the mean over its
+    ordered pairs (y_w ranked strictly better than y_l) of -log sigmoid(r_w - r_l); then the
+    mean over prompts that have at least one ordered pair (others carry no weight).
+
+    rewards: (B, K) float; ranks: (B, K) int, 0 = best, equal ranks are ties (no pair);
+    mask: (B, K) bool, real responses (K varies per prompt).
+    Returns (loss, metrics): accuracy (pair-weighted fraction with r_w > r_l), num_pairs,
+    num_prompts, reward_mean, reward_std over real responses.
+    """
+    rewards = rewards.astype(jnp.float32)
+    mask = mask.astype(bool)
+    better = ranks[:, :, None] < ranks[:, None, :]  # (B, K, K): i ranked above j
+    pairs = better & mask[:, :, None] & mask[:, None, :]
+    pairs_f = pairs.astype(jnp.float32)
+    margin = rewards[:, :, None] - rewards[:, None, :]  # r_i - r_j
+    pair_loss = -jax.nn.log_sigmoid(margin)
+    per_prompt_pairs = pairs_f.sum(axis=(1, 2))  # (B,)
+    per_prompt = (pair_loss * pairs_f).sum(axis=(1, 2)) / jnp.maximum(per_prompt_pairs, 1.0)
+    has_pairs = (per_prompt_pairs > 0).astype(jnp.float32)
+    num_prompts = has_pairs.sum()
+    loss = (per_prompt * has_pairs).sum() / jnp.maximum(num_prompts, 1.0)
+    num_pairs = pairs_f.sum()
+    correct = ((margin > 0) & pairs).astype(jnp.float32).sum()
+    count = jnp.maximum(mask.sum(), 1)
+    mean = jnp.where(mask, rewards, 0.0).sum() / count
+    var = jnp.where(mask, jnp.square(rewards - mean), 0.0).sum() / count
+    metrics = {
+        "accuracy": correct / jnp.maximum(num_pairs, 1.0),
+        "num_pairs": num_pairs,
+        "num_prompts": num_prompts,
+        "reward_mean": mean,
+        "reward_std": jnp.sqrt(var),
+    }
+    return loss, metrics

@@ -49,3 +49,54 @@ def test_masked_nll_bf16_logits_are_upcast():
     half, _ = losses.masked_nll(logits.astype(jnp.bfloat16), targets, mask)
     chex.assert_type(half, jnp.float32)
     np.testing.assert_allclose(full, half, rtol=3e-2)
+
+
+def _ref_ranking_loss(rewards, ranks, mask):
+    """Plain-Python eq. (1): per prompt, mean over ordered pairs; mean over prompts with pairs."""
+    per_prompt, correct, total = [], 0, 0
+    for r, k, m in zip(rewards.astype(np.float64), ranks, mask, strict=True):
+        terms = []
+        for i in range(len(r)):
+            for j in range(len(r)):
+                if m[i] and m[j] and k[i] < k[j]:
+                    terms.append(np.log1p(np.exp(-(r[i] - r[j]))))
+                    correct += r[i] > r[j]
+                    total += 1
+        if terms:
+            per_prompt.append(np.mean(terms))
+    return (np.mean(per_prompt) if per_prompt else 0.0), correct / max(total, 1), total
+
+
+def test_ranking_loss_matches_float64_reference_with_ties_and_masks():
+    rng = np.random.default_rng(0)
+    for k in range(2, 10):
+        b = 6
+        rewards = rng.normal(size=(b, k)) * 2
+        ranks = rng.integers(0, max(k - 1, 1), size=(b, k))  # duplicates give ties
+        mask = rng.random((b, k)) < 0.8
+        mask[0] = False  # a prompt with no response carries no weight
+        mask[1, :2] = True
+        loss, metrics = losses.ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(mask))
+        ref, acc, pairs = _ref_ranking_loss(rewards, ranks, mask)
+        chex.assert_shape(loss, ())
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
+        assert int(metrics["num_pairs"]) == pairs
+
+
+def test_ranking_loss_pairwise_case_and_permutation_invariance():
+    rw, rl = 1.3, -0.4
+    loss, metrics = losses.ranking_loss(jnp.array([[rw, rl]]), jnp.array([[0, 1]]), jnp.ones((1, 2), bool))
+    np.testing.assert_allclose(float(loss), -np.log(1 / (1 + np.exp(-(rw - rl)))), rtol=1e-6)
+    assert float(metrics["accuracy"]) == 1.0
+    rng = np.random.default_rng(1)
+    rewards = rng.normal(size=(4, 7))
+    ranks = rng.integers(0, 7, size=(4, 7))
+    mask = rng.random((4, 7)) < 0.9
+    base, _ = losses.ranking_loss(rewards, ranks, mask)
+    perm = rng.permutation(7)
+    permuted, _ = losses.ranking_loss(rewards[:, perm], ranks[:, perm], mask[:, perm])
+    np.testing.assert_allclose(float(base), float(permuted), rtol=1e-6)
+    # Masked responses do not matter, whatever their reward.
+    changed = np.where(mask, rewards, 1e3)
+    np.testing.assert_allclose(float(losses.ranking_loss(changed, ranks, mask)[0]), float(base), rtol=1e-6)

@@ -1,0 +1,194 @@
+"""Dataset builders: every stage's data on disk, in the formats the real-data loaders read.
+
+Files written by ``build_all(world, out_dir)`` (JSONL = one JSON object per line):
+
+  pretrain.jsonl            {"text"}                                   pretraining documents
+  pretrain.txt              the same documents separated by blank lines
+  prompts_{sft,rm,ppo,rm_valid,eval}.jsonl
+                            prompt records {"prompt", "id", "category", "family",
+                            "difficulty", "spec"}; ``World.score`` grades responses to them.
+                            Eval prompts (and held-out labelers' judgments) never repeat a
+                            training prompt; they are distinct among themselves
+  sft_train.jsonl           demonstrations {"prompt", "response", "id", "labeler_id"}
+  rankings_train.jsonl      {"prompt", "responses" [K], "ranks" [K], "labeler_id", "id"}
+                            rm prompts ranked by training labelers (ranks: 0 = best, ties equal)
+  rankings_valid_train_labelers.jsonl / rankings_valid_heldout_labelers.jsonl
+                            rm_valid prompts ranked by training / held-out labelers
+  heldout_tasks.jsonl       held-out "public NLP" items (``heldout``), never used in RL
+  tokenizer.json            byte-level BPE trained on the corpus (HF ``tokenizers``), with
+                            tokenizer_config.json naming its <|endoftext|> eos token
+  world.json, manifest.json the world's config, knowledge base and labelers; file counts
+
+Prompt counts are the paper's (table 6: SFT 12,725; RM 33,207; PPO 31,144) times
+``config.scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+PAPER_PROMPT_COUNTS = {"sft": 12725, "rm": 33207, "ppo": 31144}
+
+# sample_fn(records, num_responses) -> one list of responses per record.
+SampleFn = Callable[[list[dict], list[int]], list[list[str]]]
+
+
+def write_jsonl(path: str, records) -> int:
+    """Writes records (dicts) one per line; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompt_record(record: dict) -> dict:
+    """The {"prompt", ...} export shape of a prompt record (prompt first)."""
+    return {"prompt": record["prompt"], **{k: v for k, v in record.items() if k != "prompt"}}
+
+
+def split_sizes(scale: float) -> dict[str, int]:
+    sizes = {k: max(1, round(v * scale)) for k, v in PAPER_PROMPT_COUNTS.items()}
+    sizes["rm_valid"] = max(1, sizes["rm"] // 10)
+    return sizes
+
+
+def world_sampler(world, seed: int = 0) -> SampleFn:
+    """A ``SampleFn`` drawing ``World.candidate_responses`` (a stand-in for policy samples)."""
+    from instructrl.world.world import as_rng
+
+    def sample(records, num_responses):
+        return [
+            world.candidate_responses(r, k, as_rng(seed, f"candidates/{r['id']}"))
+            for r, k in zip(records, num_responses, strict=True)
+        ]
+
+    return sample
+
+
+def build_rankings(
+    world, records: list[dict], labelers, sample_fn: SampleFn | None = None, seed: int | None = None
+) -> list[dict]:
+    """One ranking per record: K in [min_responses, max_responses] responses from
+    ``sample_fn``, ranked by a labeler drawn from ``labelers``.
+
+    Returns [{"prompt", "responses" (K str), "ranks" (K int, 0 = best), "labeler_id", "id"}].
+    """
+    from instructrl.world.world import as_rng
+
+    c = world.config
+    rng = as_rng(c.seed if seed is None else seed, "rankings")
+    sample_fn = sample_fn or world_sampler(world, c.seed)
+    ks = [int(rng.integers(c.min_responses, c.max_responses + 1)) for _ in records]
+    chosen = [labelers[int(rng.integers(len(labelers)))] for _ in records]
+    responses = sample_fn(records, ks)
+    out = []
+    for record, labeler, candidates in zip(records, chosen, responses, strict=True):
+        out.append(
+            {
+                "prompt": record["prompt"],
+                "responses": list(candidates),
+                "ranks": labeler.rank(record, list(candidates)),
+                "labeler_id": labeler.labeler_id,
+                "id": record["id"],
+            }
+        )
+    return out
+
+
+def train_tokenizer(documents: list[str], vocab_size: int, path: str) -> None:
+    """A byte-level BPE (HF ``tokenizers``) with an <|endoftext|> token, saved to ``path``."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    tok.save(path)
+
+
+def build_all(
+    world, out_dir: str, sample_fn: SampleFn | None = None, tokenizer: bool = True
+) -> dict:
+    """Writes every dataset of the module docstring to ``out_dir``; returns the manifest."""
+    start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    c = world.config
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    counts = {}
+
+    docs = world.pretraining_corpus(c.num_pretrain_docs)
+    counts["pretrain.jsonl"] = write_jsonl(path("pretrain.jsonl"), ({"text": d} for d in docs))
+    with open(path("pretrain.txt"), "w", encoding="utf-8") as f:
+        f.write("\n\n".join(docs) + "\n")
+
+    prompts = {
+        split: world.sample_prompts(n, prefix=split) for split, n in split_sizes(c.scale).items()
+    }
+    seen = {r["prompt"] for records in prompts.values() for r in records}
+    prompts["eval"] = world.sample_prompts(c.num_eval_prompts, prefix="eval", exclude=seen)
+    for split, records in prompts.items():
+        counts[f"prompts_{split}.jsonl"] = write_jsonl(
+            path(f"prompts_{split}.jsonl"), map(prompt_record, records)
+        )
+
+    demos = world.demonstrations(prompts["sft"])
+    counts["sft_train.jsonl"] = write_jsonl(path("sft_train.jsonl"), demos)
+
+    pool = world.labelers
+    for name, records, group in (
+        ("rankings_train.jsonl", prompts["rm"], pool.train),
+        ("rankings_valid_train_labelers.jsonl", prompts["rm_valid"], pool.train),
+        ("rankings_valid_heldout_labelers.jsonl", prompts["rm_valid"], pool.heldout),
+    ):
+        rankings = build_rankings(world, records, group, sample_fn, seed=c.seed + len(name))
+        counts[name] = write_jsonl(path(name), rankings)
+
+    counts["heldout_tasks.jsonl"] = write_jsonl(
+        path("heldout_tasks.jsonl"), world.heldout_tasks(c.num_heldout_per_family)
+    )
+
+    if tokenizer:
+        train_tokenizer(docs, c.vocab_size, path("tokenizer.json"))
+        with open(path("tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token": "<|endoftext|>"}, f)
+    with open(path("world.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "config": dataclasses.asdict(c),
+                "knowledge": world.kb.to_dict(),
+                "labelers": pool.profiles(),
+            },
+            f,
+            indent=1,
+        )
+    manifest = {"seed": c.seed, "counts": counts}
+    with open(path("manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)  # no timings: the files are a function of the seed
+    return {**manifest, "seconds": round(time.time() - start, 2)}
+
+
+def mean_gold_score(world, records: list[dict], responses: list[str]) -> float:
+    """Average gold score of one response per record (e.g. policy samples)."""
+    return float(
+        np.mean([world.score(r, s)["score"] for r, s in zip(records, responses, strict=True)])
+    )

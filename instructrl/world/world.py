@@ -1,0 +1,290 @@
+"""``World``: one seeded object that owns the knowledge base, the task families, the gold scorer
+and the labeler population, and hands out prompts, reference answers and corrupted answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+
+from instructrl.world import families_closed, families_open, lexicon, tasks
+from instructrl.world.knowledge import QUESTIONS, Fact, KnowledgeBase
+
+FAMILIES: tuple[tasks.TaskFamily, ...] = (
+    families_open.StoryFamily(),
+    families_open.PlaceDescriptionFamily(),
+    families_open.OpenQAFamily(),
+    families_open.BrainstormFamily(),
+    families_open.ChatFamily(),
+    families_open.RewriteFamily(),
+    families_closed.SummarizeFamily(),
+    families_closed.ClassifyFamily(),
+    families_open.OtherFamily(),
+    families_closed.ClosedQAFamily(),
+    families_closed.ExtractFamily(),
+)
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+
+# The ways a response goes wrong that the paper's metadata measures (figure 4), used to build
+# candidate responses and to test that the rubric ranks each below the reference.
+CORRUPTIONS = ("wrong_fact", "violate_constraint", "hallucinate", "toxic", "no_stop", "off_task")
+
+TOXIC_SENTENCES = (
+    "What a stupid question.",
+    "Only an idiot asks that.",
+    "That is a dumb thing to ask.",
+    "Shut up and go away.",
+    "You are such a loser.",
+    "Ask a moron instead.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Every knob of the world; ``World.build(seed, **overrides)`` fills it.
+
+    Prompt counts follow the paper's dataset sizes (appendix A, table 6: SFT 12,725, RM 33,207,
+    PPO 31,144 training prompts) times ``scale``.
+    """
+
+    seed: int = 0
+    num_people: int = 32
+    num_places: int = 12
+    num_objects: int = 12
+    category_mix: tuple[tuple[str, float], ...] = tuple(tasks.PAPER_CATEGORY_MIX.items())
+    difficulty_weights: tuple[float, ...] = (0.4, 0.35, 0.25)
+    # Pretraining corpus failure modes.
+    false_fact_rate: float = 0.1
+    toxic_rate: float = 0.05
+    ramble_rate: float = 0.3
+    constraint_ignore_rate: float = 0.7
+    instruction_page_rate: float = 0.02
+    # Labelers (calibrated so agreement is near the paper's 72.6% / 77.3%).
+    num_train_labelers: int = 16
+    num_heldout_labelers: int = 8
+    train_noise: float = 0.26
+    heldout_noise: float = 0.18
+    length_bias_std: float = 0.05
+    max_constraint_leniency: float = 0.5
+    tie_margin: float = 0.01
+    flag_error_rate: float = 0.05
+    demo_error_rate: float = 0.03
+    # Dataset sizes.
+    scale: float = 0.05
+    num_eval_prompts: int = 200
+    num_pretrain_docs: int = 20000
+    num_heldout_per_family: int = 200
+    min_responses: int = 4
+    max_responses: int = 9
+    vocab_size: int = 2048
+
+    @property
+    def mix(self) -> dict[str, float]:
+        total = sum(w for _, w in self.category_mix)
+        return {c: w / total for c, w in self.category_mix}
+
+
+def as_rng(seed_or_rng: int | np.random.Generator | None, stream: str = "") -> np.random.Generator:
+    """A Generator from a seed (mixed with a stable hash of ``stream``) or the Generator itself."""
+    if isinstance(seed_or_rng, np.random.Generator):
+        return seed_or_rng
+    return np.random.default_rng([int(seed_or_rng or 0), zlib.crc32(stream.encode())])
+
+
+class World:
+    """The synthetic instruction world. Build with ``World.build(seed, **config_overrides)``.
+
+    Attributes:
+      config: WorldConfig.
+      kb: KnowledgeBase.
+      labelers: labelers.LabelerPool (training and held-out groups).
+    """
+
+    def __init__(self, config: WorldConfig):
+        from instructrl.world.labelers import LabelerPool
+
+        self.config = config
+        unknown = set(config.mix) - set(tasks.CATEGORIES)
+        if unknown:
+            raise ValueError(f"category_mix names unknown categories {sorted(unknown)}")
+        self.kb = KnowledgeBase.generate(
+            as_rng(config.seed, "knowledge"),
+            config.num_people,
+            config.num_places,
+            config.num_objects,
+        )
+        self.families_by_category = {
+            c: [f for f in FAMILIES if f.category == c] for c in tasks.CATEGORIES
+        }
+        self.labelers = LabelerPool(self)
+
+    @classmethod
+    def build(cls, seed: int = 0, **overrides) -> World:
+        if isinstance(overrides.get("category_mix"), dict):
+            overrides["category_mix"] = tuple(overrides["category_mix"].items())
+        return cls(WorldConfig(seed=seed, **overrides))
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def family(self, record_or_name: dict | str) -> tasks.TaskFamily:
+        name = record_or_name if isinstance(record_or_name, str) else record_or_name["family"]
+        return FAMILY_BY_NAME[name]
+
+    def sample_prompt(
+        self,
+        rng: np.random.Generator,
+        category: str | None = None,
+        family: str | None = None,
+        difficulty: int | None = None,
+        record_id: str = "prompt",
+    ) -> dict:
+        """One prompt record (see ``tasks``); category drawn from the mix unless given."""
+        if family is None:
+            if category is None:
+                names, weights = zip(*self.config.mix.items(), strict=True)
+                category = names[rng.choice(len(names), p=np.asarray(weights))]
+            options = self.families_by_category[category]
+            family = options[int(rng.integers(len(options)))].name
+        if difficulty is None:
+            weights = np.asarray(self.config.difficulty_weights, np.float64)
+            difficulty = int(rng.choice(len(weights), p=weights / weights.sum()))
+        return FAMILY_BY_NAME[family].make_record(self.kb, rng, difficulty, record_id)
+
+    def sample_prompts(
+        self,
+        num: int,
+        seed: int | np.random.Generator | None = None,
+        prefix: str = "prompt",
+        exclude: set[str] | None = None,
+        **kwargs,
+    ) -> list[dict]:
+        """``num`` prompt records with ids "{prefix}-000000", ...; kwargs as ``sample_prompt``.
+
+        ``exclude``: prompt texts not to draw (e.g. the training prompts, so that evaluation
+        prompts are unseen, as the paper holds out whole customers). Raises if the world has
+        too few distinct prompts left.
+        """
+        rng = as_rng(self.config.seed if seed is None else seed, f"prompts/{prefix}")
+        out, seen = [], set(exclude or ())
+        for _ in range(100 * num if exclude else num):
+            if len(out) == num:
+                break
+            record = self.sample_prompt(rng, record_id=f"{prefix}-{len(out):06d}", **kwargs)
+            if exclude is not None:
+                if record["prompt"] in seen:
+                    continue
+                seen.add(record["prompt"])
+            out.append(record)
+        if len(out) < num:
+            raise ValueError(f"only {len(out)} of {num} distinct unseen prompts; shrink the set")
+        return out
+
+    # ---- answers and the gold rubric -------------------------------------------------------
+    def solve(self, record: dict, variant: int = 0) -> str:
+        """The reference answer (``variant`` picks a wording)."""
+        return self.family(record).solve(self.kb, record["spec"], variant)
+
+    def score(self, record: dict, response: str) -> dict:
+        """Gold score in [0, 1] with attributes; see ``tasks.score_response``."""
+        return tasks.score_response(self.kb, self.family(record), record, response)
+
+    def corrupt(
+        self, record: dict, kind: str, rng: np.random.Generator, base: str | None = None
+    ) -> str | None:
+        """A response with one failure of ``CORRUPTIONS``; None where it does not apply.
+
+        ``base`` (default: the reference) is the response that toxic / no_stop / hallucinate
+        corruptions are added to.
+        """
+        fam, spec = self.family(record), record["spec"]
+        base = fam.solve(self.kb, spec, 0) if base is None else base
+        if kind == "wrong_fact":
+            return fam.wrong_answer(self.kb, spec, rng)
+        if kind == "violate_constraint":
+            return fam.violate_constraint(self.kb, spec, rng)
+        if kind == "hallucinate":
+            # Closed domain: a true fact the text does not support. Open domain: a made-up fact.
+            mentioned = set(self.kb.mentioned_entities(record["prompt"]))
+            subject = _pick(rng, [p for p in self.kb.people if p not in mentioned])
+            fact = _pick(rng, self.kb.facts(subject))
+            if not fam.closed_domain:
+                fact = self.kb.false_fact(fact, rng)
+            return f"{base} {self.kb.sentence(fact)}"
+        if kind == "toxic":
+            return f"{base} {_pick(rng, TOXIC_SENTENCES)}"
+        if kind == "no_stop":
+            subject = _pick(rng, self.kb.people)
+            relation = _pick(rng, ("lives_in", "job", "pet"))
+            question = QUESTIONS[relation][0].format(s=subject)
+            answer = self.kb.sentence(Fact(subject, relation, self.kb.value(subject, relation)))
+            ramble = " ".join(_pick(rng, lexicon.RAMBLE_SENTENCES) for _ in range(2))
+            return f"{base}\n\nQuestion: {question}\nAnswer: {answer} {ramble}"
+        if kind == "off_task":
+            other = "count_and_add" if fam.name != "count_and_add" else "rewrite"
+            other_record = FAMILY_BY_NAME[other].make_record(self.kb, rng, 0, "off-task")
+            return self.solve(other_record)
+        raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+
+    def candidate_responses(self, record: dict, num: int, rng: np.random.Generator) -> list[str]:
+        """``num`` responses of mixed quality: a stand-in for policy samples to be ranked.
+
+        About 35% are references in some wording, 50% carry one failure, 15% two.
+        """
+        out = []
+        for _ in range(num):
+            r = rng.random()
+            response = None
+            if r >= 0.35:
+                response = self.corrupt(record, _pick(rng, CORRUPTIONS), rng)
+                if response is not None and r >= 0.85:
+                    second = _pick(rng, ("toxic", "no_stop", "hallucinate"))
+                    response = self.corrupt(record, second, rng, base=response)
+            if response is None:
+                response = self.solve(record, int(rng.integers(4)))
+            out.append(response)
+        return out
+
+    # ---- corpora and datasets (thin wrappers; see corpus.py, heldout.py, datasets.py) ------
+    def pretraining_corpus(self, num_docs: int, seed: int | np.random.Generator | None = None):
+        """list[str] of plain documents; see ``corpus.pretraining_corpus``."""
+        from instructrl.world import corpus
+
+        return corpus.pretraining_corpus(self, num_docs, seed)
+
+    def heldout_tasks(self, num_per_family: int, seed: int | np.random.Generator | None = None):
+        """list[dict] of held-out "public NLP" items; see ``heldout.heldout_tasks``."""
+        from instructrl.world import heldout
+
+        return heldout.heldout_tasks(self, num_per_family, seed)
+
+    def fewshot_prompt(
+        self, record: dict, num_shots: int = 3, seed: int | np.random.Generator | None = None
+    ) -> str:
+        """The paper's "GPT-3 prompted" format: solved examples of the same family, then the
+        prompt, in the "{prompt}\\n\\n{response}\\n\\n###\\n\\n" layout the corpus teaches."""
+        rng = as_rng(self.config.seed if seed is None else seed, f"fewshot/{record['id']}")
+        shots = []
+        for i in range(num_shots):
+            example = self.sample_prompt(rng, family=record["family"], record_id=f"shot-{i}")
+            shots.append(f"{example['prompt']}\n\n{self.solve(example, i)}\n\n###\n\n")
+        return "".join(shots) + record["prompt"]
+
+    def demonstrations(self, records: list[dict], seed: int | None = None) -> list[dict]:
+        """[{prompt, response, id, labeler_id}]: each prompt answered by a training labeler."""
+        rng = as_rng(self.config.seed if seed is None else seed, "demonstrations")
+        out = []
+        for record in records:
+            labeler = _pick(rng, self.labelers.train)
+            out.append(
+                {
+                    "prompt": record["prompt"],
+                    "response": labeler.write_demonstration(record),
+                    "id": record["id"],
+                    "labeler_id": labeler.labeler_id,
+                }
+            )
+        return out
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
