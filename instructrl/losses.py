@@ -74,3 +74,131 @@ def ranking_loss(
         "reward_std": jnp.sqrt(var),
     }
     return loss, metrics
+
+
+# --- PPO (paper eq. 2; Ziegler et al. 2019; Schulman et al. 2017) ------------------------------
+
+
+def last_index(mask: jax.Array) -> jax.Array:
+    """Index (B,) of the last position where mask (B, T) is 1 (0 for an empty row)."""
+    t = mask.shape[-1]
+    idx = jnp.where(mask.astype(bool), jnp.arange(t), -1).max(axis=-1)
+    return jnp.maximum(idx, 0)
+
+
+def kl_penalized_rewards(
+    scores: jax.Array,
+    logprobs: jax.Array,
+    ref_logprobs: jax.Array,
+    mask: jax.Array,
+    kl_coef: float | jax.Array,
+) -> jax.Array:
+    """Per-token rewards: -kl_coef * (log pi - log pi_ref), plus the RM score at the last token.
+
+    scores: (B,) reward-model scores; logprobs, ref_logprobs, mask: (B, T), mask marking
+    response tokens. kl_coef is beta in eq. 2. Returns (B, T), zero outside the mask.
+    """
+    mask = mask.astype(jnp.float32)
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = jax.nn.one_hot(last_index(mask), mask.shape[-1], dtype=jnp.float32) * mask
+    return rewards + scores[:, None] * last
+
+
+def gae(
+    rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """Generalized advantage estimation (Schulman et al. 2016) as a reverse ``lax.scan``.
+
+    rewards, values, mask: (B, T); values after the last masked position count as 0.
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.
+    Returns (advantages, returns = advantages + values), both (B, T) and zero outside the mask.
+    """
+    mask = mask.astype(jnp.float32)
+    values = values * mask
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values * next_mask - values
+
+    def step(carry, xs):
+        delta, m_next = xs
+        adv = delta + gamma * lam * m_next * carry
+        return adv, adv
+
+    _, adv = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), (deltas.T, next_mask.T), reverse=True)
+    advantages = adv.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    mask = mask.astype(jnp.float32)
+    return (x * mask).sum(axis) / jnp.maximum(mask.sum(axis), 1.0)
+
+
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
+    """(x - mean) / std over the masked entries (all rows together); with shift_mean=False the
+    mean is added back (scale only). Zero outside the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.astype(x.dtype)
+
+
+def ppo_policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    clip_eps: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped surrogate objective (Schulman et al. 2017), a loss to minimize.
+
+    All (B, T); the mean is over masked tokens. Metrics: clipfrac (tokens whose ratio left the
+    clip range), approx_kl (mean of (r - 1) - log r, Schulman's low-variance estimator).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "clipfrac": masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    mask: jax.Array,
+    clip_eps: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_clip - R)^2)) over masked tokens, with
+    V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps). All (B, T)."""
+    clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    err = jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
+    loss = 0.5 * masked_mean(err, mask)
+    metrics = {
+        "value_clipfrac": masked_mean(
+            (jnp.abs(values - old_values) > clip_eps).astype(jnp.float32), mask
+        ),
+    }
+    return loss, metrics
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var[R - V] / Var[R] over masked tokens."""
+    var_r = masked_mean(jnp.square(returns - masked_mean(returns, mask)), mask)
+    resid = returns - values
+    var_e = masked_mean(jnp.square(resid - masked_mean(resid, mask)), mask)
+    return 1.0 - var_e / jnp.maximum(var_r, 1e-8)
+
+
+def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean entropy of the token distributions (B, T, V) over masked positions."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ent = -(jnp.exp(logp) * logp).sum(-1)
+    return masked_mean(ent, mask)
