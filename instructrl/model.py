@@ -151,8 +151,13 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
-        """x: (B, T, D); positions: (B, T); mask: None (plain causal) or (B, 1, T, T) bool."""
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """x: (B, T, D); positions: (B, T); mask: None (plain causal) or (B, 1, T, S) bool.
+
+        With ``cache`` = {"k", "v"} (B, S, K, H), the new keys and values are written at slots
+        [cache_index, cache_index + T) and the queries attend over all S slots (under mask).
+        Returns (output (B, T, D), updated cache or None).
+        """
         cfg = self.cfg
         dense = functools.partial(
             nn.DenseGeneral,
@@ -173,18 +178,29 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "act_kv"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
+        if cache is not None:
+            # In-place (the decode loop carries the cache, so XLA updates its buffer).
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
+            )
+            cache = {"k": k, "v": v}
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=mask is None, implementation=cfg.attention
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, is_causal=mask is None,
+            implementation=cfg.attention if mask is None else None,
         )  # (B, T, N, H)
         out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "act_kv"))
         # GPT-2's scaled init of residual projections: std / sqrt(2 * num_layers).
-        return dense(
+        out = dense(
             cfg.d_model,
             axis=(-2, -1),
             kernel_init=_init(cfg, ("heads", "kv", "embed"), (2 * cfg.num_layers) ** -0.5),
             bias_init=_zeros(("embed",)),
             name="out",
         )(out)
+        return out, cache
 
 
 class Mlp(nn.Module):
@@ -215,19 +231,23 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. Returns (x, None) so that ``nn.scan`` can carry x."""
+    """Pre-norm residual block. Returns (x, cache) so that ``nn.scan`` carries x and stacks the
+    per-layer KV caches."""
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
-        x = x + drop(Attention(cfg, name="attn")(Norm(cfg, name="norm_attn")(x), positions, mask))
+        h, cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="norm_attn")(x), positions, mask, cache, cache_index
+        )
+        x = x + drop(h)
         x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="norm_mlp")(x)))
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-        return x, None
+        return x, cache
 
 
 def _block_class(cfg: ModelConfig):
@@ -243,9 +263,9 @@ class Transformer(nn.Module):
     """Decoder-only transformer with an LM head or a scalar head.
 
     __call__(tokens (B, T) int, positions (B, T) int | None, attention_mask (B, T) | None,
-             segment_ids (B, T) int | None, deterministic) ->
+             segment_ids (B, T) int | None, deterministic, cache, cache_index) ->
       head "lm": logits (B, T, V) float32;  head "scalar": values (B, T) float32;
-      head "none": hidden states (B, T, D).
+      head "none": hidden states (B, T, D);  with a cache (``init_cache``): (output, cache).
     With neither attention_mask nor segment_ids the attention is plain causal (the fused
     kernel's fastest path): right padding needs no mask because no real token sees it.
     """
@@ -261,15 +281,25 @@ class Transformer(nn.Module):
         attention_mask=None,
         segment_ids=None,
         deterministic: bool = True,
+        cache=None,
+        cache_index=None,
     ):
         cfg = self.cfg
         _, seq_len = tokens.shape
-        if attention_mask is not None and positions is None:
+        if cache is not None:
+            # Decoding: attention_mask (B, S) marks filled cache slots; the queries sit at slots
+            # cache_index + [0, T) and see earlier slots only. Positions come from the caller.
+            slots = attention_mask.shape[1]
+            query_slot = cache_index + jnp.arange(seq_len)
+            causal = jnp.arange(slots)[None, :] <= query_slot[:, None]  # (T, S)
+            mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        elif attention_mask is not None and positions is None:
             positions = positions_from_mask(attention_mask)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len), tokens.shape)
-        mask = None
-        if attention_mask is not None or segment_ids is not None:
+        if cache is None:
+            mask = None
+        if cache is None and (attention_mask is not None or segment_ids is not None):
             mask = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None]  # (1, 1, T, S)
             if attention_mask is not None:
                 mask = mask & attention_mask.astype(bool)[:, None, None, :]
@@ -297,19 +327,29 @@ class Transformer(nn.Module):
 
         block = _block_class(cfg)
         if cfg.scan_layers:
-            x, _ = nn.scan(
+            x, cache = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, name="layers")(x, positions, mask)
+            )(cfg, deterministic, name="layers")(x, positions, mask, cache, cache_index)
         else:
+            new_cache = []
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, mask)
+                layer_cache = None if cache is None else cache[i]
+                x, layer_cache = block(cfg, deterministic, name=f"layers_{i}")(
+                    x, positions, mask, layer_cache, cache_index
+                )
+                new_cache.append(layer_cache)
+            cache = None if cache is None else new_cache
         x = Norm(cfg, name="final_norm")(x)
+        out = self._head(x, embed)
+        return out if cache is None else (out, cache)
 
+    def _head(self, x, embed):
+        cfg = self.cfg
         if self.head == "none":
             return x
         if self.head == "scalar":
@@ -336,6 +376,18 @@ class Transformer(nn.Module):
             )(x)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
         return logits.astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+    """An empty KV cache of ``length`` slots: {"k", "v"} (L, B, S, K, H) for scanned layers, a
+    list of per-layer {"k", "v"} (B, S, K, H) otherwise. dtype defaults to the compute dtype."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, length, cfg.kv_heads, cfg.head_size)
+    if cfg.scan_layers:
+        full = (cfg.num_layers, *shape)
+        return {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)]
 
 
 def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
