@@ -1,7 +1,7 @@
 """Pretraining a base model on plain text (the offline pipeline has no downloadable weights).
 
-  instructrl train --config configs/pretrain.py:runlocal --workdir runs/pretrain
-  instructrl train --config configs/pretrain.py:model=gpt3-125m,text=/data/a.txt+/data/b.txt
+instructrl train --config configs/pretrain.py:runlocal --workdir runs/pretrain
+instructrl train --config configs/pretrain.py:model=gpt3-125m,text=/data/a.txt+/data/b.txt
 """
 
 from instructrl import config_lib
@@ -14,8 +14,9 @@ def get_config(arg=None):
     c.model.preset = args.get("model", "tiny")
     c.data = dict(
         kind="text",
-        text_files=str(args["text"]).split("+") if "text" in args else
-        [config_lib.asset("tinystories-excerpt.txt")],
+        text_files=str(args["text"]).split("+")
+        if "text" in args
+        else [config_lib.asset("tinystories-excerpt.txt")],
         seq_len=128,
         eval_examples=16,
         eval_prompts=["Once upon a time", "Lily and Tom"],

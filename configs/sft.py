@@ -45,7 +45,9 @@ def get_config(arg=None):
         c.data.seq_len = 2048
         c.optimizer.lr = 9.65e-6
         c.train.batch_size = 32
-        c.tokenizer = dict(kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token="")
+        c.tokenizer = dict(
+            kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token=""
+        )
     if args.get("runlocal"):
         c.model.dropout = 0.1
         c.train.epochs = 0.0

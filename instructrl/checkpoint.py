@@ -11,6 +11,7 @@ mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -46,15 +47,40 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> dic
     )
 
 
+EXPORT_ORDER = ("export", "best", "checkpoints")
+
+
+def export_params(workdir: str, params: Any, info: dict | None = None) -> None:
+    """Write the params a later stage should start from to ``workdir/export`` (+ info.json)."""
+    mngr = manager(os.path.join(workdir, "export"), keep=1, async_save=False)
+    step = (mngr.latest_step() or 0) + 1
+    save(mngr, step, {"params": params}, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    if info is not None and jax.process_index() == 0:
+        with open(os.path.join(workdir, "export", "info.json"), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+
+
+def params_source(workdir: str) -> tuple[str, int]:
+    """(directory, step) a later stage reads: export/, else best/, else checkpoints/."""
+    for name in EXPORT_ORDER:
+        directory = os.path.join(os.path.abspath(workdir), name)
+        if os.path.isdir(directory):
+            mngr = ocp.CheckpointManager(directory)
+            step = mngr.latest_step()
+            mngr.close()
+            if step is not None:
+                return directory, step
+    raise FileNotFoundError(f"init_from={workdir!r}: no checkpoint under {EXPORT_ORDER}")
+
+
 def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
-    """Params (only) of the latest checkpoint of another stage's workdir, restored into the
+    """Params (only) of another stage's workdir (``params_source``), restored into the
     shardings of ``abstract_params``. ``abstract_params`` may be a sub-tree of that stage's
     params (e.g. the trunk without the LM head); extra saved entries are ignored."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory, step = params_source(workdir)
     mngr = ocp.CheckpointManager(directory)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"init_from={workdir!r}: no checkpoint under {directory}")
     saved = mngr.item_metadata(step)
     saved_tree = saved.tree if hasattr(saved, "tree") else saved
     if saved_tree is not None and key in saved_tree:
@@ -83,5 +109,7 @@ def _partial_target(saved: Any, wanted: Any) -> Any:
             raise KeyError(f"init_from: parameter {name} is missing from the checkpoint")
         got = tuple(flat_saved[path].shape)
         if got != tuple(leaf.shape):
-            raise ValueError(f"init_from: parameter {name} has shape {got}, model needs {leaf.shape}")
+            raise ValueError(
+                f"init_from: parameter {name} has shape {got}, model needs {leaf.shape}"
+            )
     return wanted

@@ -166,12 +166,24 @@ class Attention(nn.Module):
             param_dtype=cfg.weight_dtype,
         )
         heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        q = dense((heads, hd), kernel_init=_init(cfg, ("embed", "heads", "kv")),
-                  bias_init=_zeros(("heads", "kv")), name="query")(x)  # (B, T, N, H)
-        k = dense((kv_heads, hd), kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
-                  bias_init=_zeros(("kv_heads", "kv")), name="key")(x)  # (B, T, K, H)
-        v = dense((kv_heads, hd), kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
-                  bias_init=_zeros(("kv_heads", "kv")), name="value")(x)  # (B, T, K, H)
+        q = dense(
+            (heads, hd),
+            kernel_init=_init(cfg, ("embed", "heads", "kv")),
+            bias_init=_zeros(("heads", "kv")),
+            name="query",
+        )(x)  # (B, T, N, H)
+        k = dense(
+            (kv_heads, hd),
+            kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
+            bias_init=_zeros(("kv_heads", "kv")),
+            name="key",
+        )(x)  # (B, T, K, H)
+        v = dense(
+            (kv_heads, hd),
+            kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
+            bias_init=_zeros(("kv_heads", "kv")),
+            name="value",
+        )(x)  # (B, T, K, H)
         if cfg.family == "llama":
             q = rotary(q, positions, cfg.rope_theta)
             k = rotary(k, positions, cfg.rope_theta)
@@ -188,7 +200,11 @@ class Attention(nn.Module):
             )
             cache = {"k": k, "v": v}
         out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, is_causal=mask is None,
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask=mask,
+            is_causal=mask is None,
             implementation=cfg.attention if mask is None else None,
         )  # (B, T, N, H)
         out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "act_kv"))
@@ -317,7 +333,9 @@ class Transformer(nn.Module):
         x = embed(tokens)  # (B, T, D)
         if cfg.family == "gpt":
             pos_table = self.param(
-                "pos_embed", _init(cfg, (None, "embed")), (cfg.max_len, cfg.d_model),
+                "pos_embed",
+                _init(cfg, (None, "embed")),
+                (cfg.max_len, cfg.d_model),
                 cfg.weight_dtype,
             )
             x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
@@ -386,8 +404,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
     if cfg.scan_layers:
         full = (cfg.num_layers, *shape)
         return {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(cfg.num_layers)]
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    ]
 
 
 def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:

@@ -61,7 +61,11 @@ def preset(name: str, **overrides) -> ModelConfig:
         )
     elif name == "gpt2-small":
         fields = dict(
-            family="gpt", num_layers=12, d_model=768, num_heads=12, max_len=1024,
+            family="gpt",
+            num_layers=12,
+            d_model=768,
+            num_heads=12,
+            max_len=1024,
             vocab_size=pad_vocab(GPT2_VOCAB),
         )
     elif name in TINY:

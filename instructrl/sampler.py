@@ -57,8 +57,12 @@ def generate(
     def apply(tokens, positions, kv_mask, cache, index):
         with nn.logical_axis_rules(rules):
             return model.apply(
-                {"params": params}, tokens, positions=positions, attention_mask=kv_mask,
-                cache=cache, cache_index=index,
+                {"params": params},
+                tokens,
+                positions=positions,
+                attention_mask=kv_mask,
+                cache=cache,
+                cache_index=index,
             )
 
     def pick(logits, key):
@@ -88,8 +92,9 @@ def generate(
         i, token, cache, kv_mask, out, logps, done = carry
         out_tokens, out_mask = out
         slot = prompt_len + i - 1  # where the previous token goes
-        kv_mask = jax.lax.dynamic_update_index_in_dim(kv_mask, jnp.ones((batch,), jnp.int32),
-                                                      slot, axis=1)
+        kv_mask = jax.lax.dynamic_update_index_in_dim(
+            kv_mask, jnp.ones((batch,), jnp.int32), slot, axis=1
+        )
         pos = (next_position + i - 1)[:, None]
         logits, cache = apply(token[:, None], pos, kv_mask, cache, slot)
         new, logp = pick(logits[:, 0], jax.random.fold_in(rng, i))

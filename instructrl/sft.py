@@ -89,8 +89,10 @@ class HeldoutLoss:
             rows = {k: v[start : start + self.batch_size] for k, v in arrays.items()}
             short = self.batch_size - len(rows["inputs"])
             if short:
-                rows = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
-                        for k, v in rows.items()}
+                rows = {
+                    k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
+                    for k, v in rows.items()
+                }
             batch = sharding.shard_batch(rows, mesh)
             s, c = self._sums(state.params, batch)
             total, count = total + float(s), count + float(c)

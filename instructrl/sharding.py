@@ -91,9 +91,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     )
 
 
-def create_sharded(
-    init_fn: Callable[..., Any], mesh: Mesh, rules, *args
-) -> tuple[Any, Any, Any]:
+def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any, Any]:
     """Build ``init_fn(*args)`` directly into its sharding; nothing is materialized whole.
 
     ``init_fn`` may return Flax boxes; they give the shardings and are unboxed in the result.

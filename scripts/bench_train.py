@@ -75,24 +75,37 @@ def main(argv=None):
 
     jax.config.update("jax_threefry_partitionable", True)
     cfg = preset(
-        args.preset, dtype=args.dtype, remat=args.remat, attention=args.attention,
-        scan_layers=not args.no_scan, max_len=max(args.seq, preset(args.preset).max_len),
+        args.preset,
+        dtype=args.dtype,
+        remat=args.remat,
+        attention=args.attention,
+        scan_layers=not args.no_scan,
+        max_len=max(args.seq, preset(args.preset).max_len),
     )
     model = Transformer(cfg)
     mesh_shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
     mesh = sharding.make_mesh(mesh_shape)
     rules = sharding.LOGICAL_RULES
     opt = ml_collections.ConfigDict(
-        dict(lr=1e-4, warmup_steps=0, total_steps=1000, final_frac=0.1, weight_decay=0.1,
-             grad_clip=1.0)
+        dict(
+            lr=1e-4,
+            warmup_steps=0,
+            total_steps=1000,
+            final_frac=0.1,
+            weight_decay=0.1,
+            grad_clip=1.0,
+        )
     )
     tx, _ = make_optimizer(opt)
     example = {"tokens": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)}
     state, shardings, _ = init_train_state(model, tx, jax.random.key(0), example, mesh, rules)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1)).astype(np.int32)
-    host = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-            "loss_mask": np.ones((args.batch, args.seq), np.int32)}
+    host = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "loss_mask": np.ones((args.batch, args.seq), np.int32),
+    }
     batch = sharding.shard_batch(host, mesh)
     batch_sh = {k: v.sharding for k, v in batch.items()}
     step = jax.jit(

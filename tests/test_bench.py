@@ -17,8 +17,22 @@ def _load():
 
 def test_bench_train_reports_throughput_and_mfu(capsys):
     bench = _load()
-    result = bench.main(["--preset", "tiny", "--batch", "8", "--seq", "64", "--steps", "3",
-                         "--dtype", "float32", "--peak-tflops", "1.0"])
+    result = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--batch",
+            "8",
+            "--seq",
+            "64",
+            "--steps",
+            "3",
+            "--dtype",
+            "float32",
+            "--peak-tflops",
+            "1.0",
+        ]
+    )
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert np.isfinite(result["loss"])
     assert "tokens/s" in capsys.readouterr().out

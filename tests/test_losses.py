@@ -76,7 +76,9 @@ def test_ranking_loss_matches_float64_reference_with_ties_and_masks():
         mask = rng.random((b, k)) < 0.8
         mask[0] = False  # a prompt with no response carries no weight
         mask[1, :2] = True
-        loss, metrics = losses.ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(mask))
+        loss, metrics = losses.ranking_loss(
+            jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(mask)
+        )
         ref, acc, pairs = _ref_ranking_loss(rewards, ranks, mask)
         chex.assert_shape(loss, ())
         np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-6)
@@ -86,7 +88,9 @@ def test_ranking_loss_matches_float64_reference_with_ties_and_masks():
 
 def test_ranking_loss_pairwise_case_and_permutation_invariance():
     rw, rl = 1.3, -0.4
-    loss, metrics = losses.ranking_loss(jnp.array([[rw, rl]]), jnp.array([[0, 1]]), jnp.ones((1, 2), bool))
+    loss, metrics = losses.ranking_loss(
+        jnp.array([[rw, rl]]), jnp.array([[0, 1]]), jnp.ones((1, 2), bool)
+    )
     np.testing.assert_allclose(float(loss), -np.log(1 / (1 + np.exp(-(rw - rl)))), rtol=1e-6)
     assert float(metrics["accuracy"]) == 1.0
     rng = np.random.default_rng(1)
@@ -99,4 +103,6 @@ def test_ranking_loss_pairwise_case_and_permutation_invariance():
     np.testing.assert_allclose(float(base), float(permuted), rtol=1e-6)
     # Masked responses do not matter, whatever their reward.
     changed = np.where(mask, rewards, 1e3)
-    np.testing.assert_allclose(float(losses.ranking_loss(changed, ranks, mask)[0]), float(base), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.ranking_loss(changed, ranks, mask)[0]), float(base), rtol=1e-6
+    )

@@ -12,7 +12,15 @@ def _init(cfg, head="lm", t=12):
     model = Transformer(cfg, head=head)
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, cfg.vocab_size)
     params = model.init(jax.random.key(1), tokens)["params"]
-    return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox")), tokens
+    return (
+        model,
+        jax.tree.map(
+            lambda x: x.unbox() if hasattr(x, "unbox") else x,
+            params,
+            is_leaf=lambda x: hasattr(x, "unbox"),
+        ),
+        tokens,
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
@@ -43,8 +51,11 @@ def test_scanned_and_unrolled_layers_agree(name):
     params_u = unstack_layers(params_s, scanned.num_layers)
     ref_shapes = jax.eval_shape(lambda: model_u.init(jax.random.key(0), tokens)["params"])
     chex.assert_trees_all_equal_shapes(
-        jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, ref_shapes,
-                     is_leaf=lambda x: hasattr(x, "value")),
+        jax.tree.map(
+            lambda x: x.value if hasattr(x, "value") else x,
+            ref_shapes,
+            is_leaf=lambda x: hasattr(x, "value"),
+        ),
         params_u,
     )
     np.testing.assert_allclose(
@@ -75,8 +86,12 @@ def test_scalar_head_shares_trunk_and_dropout_is_stochastic():
     chex.assert_shape(values, (2, 12))
     chex.assert_type(values, jnp.float32)
     assert "scalar_head" in params and "lm_head" not in params
-    a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)})
-    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    a = model.apply(
+        {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(0)}
+    )
+    b = model.apply(
+        {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(values, model.apply({"params": params}, tokens))
 

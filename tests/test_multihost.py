@@ -27,13 +27,23 @@ def test_two_processes_match_one_process(tmp_path):
     steps = "4"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     single = str(tmp_path / "single")
-    subprocess.run([sys.executable, HELPER, "0", "1", "0", single, steps], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, HELPER, "0", "1", "0", single, steps],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     multi = str(tmp_path / "multi")
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, HELPER, str(i), "2", port, multi, steps], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, HELPER, str(i), "2", port, multi, steps],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -58,10 +58,14 @@ def test_whiten():
     x = rng.normal(size=(5, 8)) * 3 + 2
     sel = x[mask > 0]
     out = np.asarray(losses.whiten(x, mask))
-    np.testing.assert_allclose(out[mask > 0], (sel - sel.mean()) / np.sqrt(sel.var() + 1e-8), rtol=1e-4)
+    np.testing.assert_allclose(
+        out[mask > 0], (sel - sel.mean()) / np.sqrt(sel.var() + 1e-8), rtol=1e-4
+    )
     assert np.all(out[mask == 0] == 0)
     kept = np.asarray(losses.whiten(x, mask, shift_mean=False))
-    np.testing.assert_allclose(kept[mask > 0], (sel - sel.mean()) / np.sqrt(sel.var() + 1e-8) + sel.mean(), rtol=1e-4)
+    np.testing.assert_allclose(
+        kept[mask > 0], (sel - sel.mean()) / np.sqrt(sel.var() + 1e-8) + sel.mean(), rtol=1e-4
+    )
 
 
 def test_policy_and_value_losses():
@@ -74,8 +78,12 @@ def test_policy_and_value_losses():
     ratio = np.exp(lp - old)
     per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
     np.testing.assert_allclose(float(loss), (per * mask).sum() / mask.sum(), rtol=1e-5)
-    np.testing.assert_allclose(float(m["clipfrac"]), ((np.abs(ratio - 1) > eps) * mask).sum() / mask.sum(), rtol=1e-5)
-    np.testing.assert_allclose(float(m["approx_kl"]), ((ratio - 1 - (lp - old)) * mask).sum() / mask.sum(), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(m["clipfrac"]), ((np.abs(ratio - 1) > eps) * mask).sum() / mask.sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(m["approx_kl"]), ((ratio - 1 - (lp - old)) * mask).sum() / mask.sum(), rtol=1e-4
+    )
 
     v, v_old, ret = rng.normal(size=(6, 10)), rng.normal(size=(6, 10)), rng.normal(size=(6, 10))
     vloss, _ = losses.ppo_value_loss(v, v_old, ret, mask, eps)

@@ -33,31 +33,67 @@ def _prompts():
 def test_greedy_equals_full_recompute_argmax(name, scan):
     model, params = _model(name, scan_layers=scan)
     tokens, mask = _prompts()
-    fast = jax.jit(functools.partial(generate, model, max_new_tokens=12, eos_id=60, pad_id=0,
-                                     temperature=0.0))(params, tokens, mask, jax.random.key(0))
+    fast = jax.jit(
+        functools.partial(generate, model, max_new_tokens=12, eos_id=60, pad_id=0, temperature=0.0)
+    )(params, tokens, mask, jax.random.key(0))
     apply_fn = lambda p, t, m: model.apply({"params": p}, t, attention_mask=m)  # noqa: E731
     ref_tokens, ref_logp, ref_mask = sampling.sample(
-        apply_fn, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
-        max_new_tokens=12, eos_id=60, pad_id=0, temperature=0.0)
+        apply_fn,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        max_new_tokens=12,
+        eos_id=60,
+        pad_id=0,
+        temperature=0.0,
+    )
     np.testing.assert_array_equal(fast.tokens, ref_tokens)
     np.testing.assert_array_equal(fast.mask, ref_mask)
     np.testing.assert_allclose(fast.logprobs, ref_logp, atol=2e-4)
     # Each row equals decoding that prompt alone, without padding.
     row = [8, 1]
-    alone = generate(model, params, jnp.array([row]), jnp.ones((1, 2), jnp.int32),
-                     jax.random.key(0), max_new_tokens=12, eos_id=60, pad_id=0, temperature=0.0)
+    alone = generate(
+        model,
+        params,
+        jnp.array([row]),
+        jnp.ones((1, 2), jnp.int32),
+        jax.random.key(0),
+        max_new_tokens=12,
+        eos_id=60,
+        pad_id=0,
+        temperature=0.0,
+    )
     np.testing.assert_array_equal(alone.tokens[0], fast.tokens[1])
 
 
 def test_stops_at_eos_and_masks_the_rest():
     model, params = _model("tiny")
     tokens, mask = _prompts()
-    greedy = generate(model, params, tokens, mask, jax.random.key(0), max_new_tokens=10,
-                      eos_id=0, pad_id=0, temperature=0.0)
+    greedy = generate(
+        model,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=10,
+        eos_id=0,
+        pad_id=0,
+        temperature=0.0,
+    )
     first = np.asarray(greedy.tokens[:, 0])
     # Use the first greedy token of row 0 as "EOS": row 0 stops after one token.
-    out = generate(model, params, tokens, mask, jax.random.key(0), max_new_tokens=10,
-                   eos_id=int(first[0]), pad_id=59, temperature=0.0)
+    out = generate(
+        model,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=10,
+        eos_id=int(first[0]),
+        pad_id=59,
+        temperature=0.0,
+    )
     assert int(out.mask[0].sum()) == 1 and np.all(np.asarray(out.tokens[0, 1:]) == 59)
     assert np.all(np.asarray(out.logprobs[0, 1:]) == 0.0)
 
@@ -66,8 +102,17 @@ def test_sampled_frequencies_match_softmax():
     model, params = _model("tiny")
     n = 4000
     prompt = jnp.tile(jnp.array([[5, 9, 11]]), (n, 1))
-    out = generate(model, params, prompt, jnp.ones_like(prompt), jax.random.key(3),
-                   max_new_tokens=1, eos_id=60, pad_id=0, temperature=1.0)
+    out = generate(
+        model,
+        params,
+        prompt,
+        jnp.ones_like(prompt),
+        jax.random.key(3),
+        max_new_tokens=1,
+        eos_id=60,
+        pad_id=0,
+        temperature=1.0,
+    )
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, prompt[:1])[0, -1]))
     counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=61)
     expected = probs * n
@@ -75,7 +120,12 @@ def test_sampled_frequencies_match_softmax():
     # Pearson chi-square over well-populated bins, generous bound (df ~ number of bins).
     chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
     assert chi2 < 3 * big.sum() + 30, chi2
-    np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(probs[np.asarray(out.tokens[:, 0])]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs[:, 0]),
+        np.log(probs[np.asarray(out.tokens[:, 0])]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
@@ -83,8 +133,19 @@ def test_top_k_top_p_never_emit_excluded_tokens(top_k, top_p):
     model, params = _model("tiny")
     n = 2000
     prompt = jnp.tile(jnp.array([[5, 9, 11]]), (n, 1))
-    out = generate(model, params, prompt, jnp.ones_like(prompt), jax.random.key(4),
-                   max_new_tokens=1, eos_id=60, pad_id=0, temperature=1.0, top_k=top_k, top_p=top_p)
+    out = generate(
+        model,
+        params,
+        prompt,
+        jnp.ones_like(prompt),
+        jax.random.key(4),
+        max_new_tokens=1,
+        eos_id=60,
+        pad_id=0,
+        temperature=1.0,
+        top_k=top_k,
+        top_p=top_p,
+    )
     logits = model.apply({"params": params}, prompt[:1])[0, -1]
     allowed = np.isfinite(np.asarray(filter_logits(logits[None], 1.0, top_k, top_p)[0]))
     order = np.argsort(-np.asarray(logits))

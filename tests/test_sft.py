@@ -67,7 +67,9 @@ def test_loss_is_on_response_tokens_only():
     assert skipped == 0
     row_targets, row_mask = arrays["targets"][0], arrays["loss_mask"][0]
     # tokens: a b | x y z EOS ; targets are shifted by one: b | x y z EOS pad...
-    assert [int(t) for t, m in zip(row_targets, row_mask) if m] == list(b"xyz") + [tok.eos_id]
+    assert [int(t) for t, m in zip(row_targets, row_mask, strict=True) if m] == list(b"xyz") + [
+        tok.eos_id
+    ]
     with pytest.raises(lm_data.DataError, match="response"):
         lm_data.demonstration_arrays(tok, [{"prompt": "p", "response": "x" * 40}], seq_len=12)
 
@@ -82,9 +84,13 @@ def _final_params(workdir):
 
 def _cli(workdir, steps):
     return [
-        sys.executable, "-m", "instructrl.main",
-        "--config", os.path.join(ROOT, "configs", "sft.py") + ":runlocal",
-        "--workdir", workdir,
+        sys.executable,
+        "-m",
+        "instructrl.main",
+        "--config",
+        os.path.join(ROOT, "configs", "sft.py") + ":runlocal",
+        "--workdir",
+        workdir,
         f"--config.train.steps={steps}",
         "--config.checkpoint.every_steps=5",
         "--config.train.progress=False",
@@ -100,12 +106,15 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
     subprocess.run(_cli(straight, steps), check=True, env=env, capture_output=True)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cli(killed, steps), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt_dir = os.path.join(killed, "checkpoints")
     deadline = time.time() + 120
     while time.time() < deadline:
-        if os.path.isdir(ckpt_dir) and any(d.isdigit() and int(d) >= 10 for d in os.listdir(ckpt_dir)):
+        if os.path.isdir(ckpt_dir) and any(
+            d.isdigit() and int(d) >= 10 for d in os.listdir(ckpt_dir)
+        ):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

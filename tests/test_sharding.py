@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -13,16 +14,19 @@ from instructrl.presets import preset
 from instructrl.sft import lm_step
 from instructrl.train import init_train_state
 
-import ml_collections
-
 
 def _run(mesh_shape, devices, family):
-    cfg = preset(family, vocab_size=128, num_heads=4, num_kv_heads=2 if family.startswith("llama") else None)
+    cfg = preset(
+        family, vocab_size=128, num_heads=4, num_kv_heads=2 if family.startswith("llama") else None
+    )
     model = Transformer(cfg)
     mesh = sharding.make_mesh(mesh_shape, devices)
     rules = sharding.LOGICAL_RULES
-    opt = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, total_steps=3, final_frac=0.1,
-                                         weight_decay=0.1, grad_clip=1.0))
+    opt = ml_collections.ConfigDict(
+        dict(
+            lr=1e-2, warmup_steps=1, total_steps=3, final_frac=0.1, weight_decay=0.1, grad_clip=1.0
+        )
+    )
     tx, _ = make_optimizer(opt)
     example = {"tokens": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
     state, shardings, _ = init_train_state(model, tx, jax.random.key(0), example, mesh, rules)
@@ -31,8 +35,11 @@ def _run(mesh_shape, devices, family):
     losses = []
     for _ in range(3):
         toks = rng.integers(0, 128, size=(8, 17)).astype(np.int32)
-        batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                 "loss_mask": (rng.random((8, 16)) < 0.8).astype(np.int32)}
+        batch = {
+            "inputs": toks[:, :-1],
+            "targets": toks[:, 1:],
+            "loss_mask": (rng.random((8, 16)) < 0.8).astype(np.int32),
+        }
         with mesh:
             state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
         losses.append(float(metrics["loss"]))
@@ -43,7 +50,9 @@ def _run(mesh_shape, devices, family):
 def test_mesh_2x2x2_matches_single_device(family):
     assert jax.device_count() >= 8, "run with --xla_force_host_platform_device_count=8"
     single, _, single_losses = _run({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], family)
-    multi, shardings, multi_losses = _run({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8], family)
+    multi, shardings, multi_losses = _run(
+        {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8], family
+    )
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
     # Parameters really are sharded over fsdp and tensor.
     qkernel = multi.params["layers"]["attn"]["query"]["kernel"]
