@@ -1,0 +1,51 @@
+"""Reward model on K-way rankings (paper step 2, eq. 1, appendix C.2).
+
+Paper defaults (``paper``): one epoch, lr 9e-6, cosine to 10%, batch 64 prompts, all C(K,2)
+pairs of a prompt in one batch element. ``pairs=shuffled`` is the ablation that shuffles the
+comparisons as independent pairs.
+
+  instructrl train --config configs/rm.py:runlocal --workdir runs/rm --config.init_from=runs/sft
+  instructrl train --config configs/rm.py:data=hh.jsonl.gz --config.data.format=hh_rlhf ...
+"""
+
+from instructrl import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg)
+    c = config_lib.base_config()
+    c.stage = "rm"
+    c.model.preset = args.get("model", "tiny")
+    c.data = dict(
+        path=str(args.get("data", "")),
+        format="auto",
+        eval_paths=[],
+        heldout_labelers=[],
+        template="{prompt}\n\n",
+        seq_len=128,
+        eval_examples=64,
+        skip_too_long=True,
+        skip_invalid=True,
+    )
+    c.rm = dict(
+        pairs=str(args.get("pairs", "all_in_one")),  # or "shuffled" (ablation)
+        max_responses=9,
+        normalize_with="",  # demonstrations file: their mean reward becomes 0
+        normalize_examples=256,
+    )
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 0
+    c.optimizer.final_frac = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.train.batch_size = 64
+    c.train.epochs = 1.0
+    c.evals.heldout = dict(type="rm_accuracy", every_steps=0, batch_size=16)
+    c.checkpoint.select_by = ""
+    if args.get("paper"):
+        c.optimizer.lr = 9e-6
+        c.model.dtype = "bfloat16"
+    if args.get("runlocal"):
+        c.train.batch_size = 16
+        c.checkpoint.every_steps = 20
+        c.train.log_every = 5
+    return c.lock()

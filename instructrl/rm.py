@@ -1,0 +1,385 @@
+"""Reward model stage (paper step 2): K-way rankings, all C(K,2) pairs in one batch element.
+
+The RM is the SFT transformer with the LM head replaced by a scalar head, initialized from the
+SFT params (``init_from``). The reward of (prompt, response) is the scalar at the response's
+last token (its EOS). Eq. (1) is ``losses.ranking_loss``. With ``rm.pairs="shuffled"`` every
+ordered pair becomes its own batch element instead (the ablation of paper section 3.5: each
+completion then gets K-1 separate updates, which overfits). After training, a bias is added so
+the labelers' demonstrations score mean 0 (section 3.5); it is folded into the scalar head's
+bias, so every later use of the RM applies it. The normalized params are written to
+``workdir/export``, which ``init_from`` prefers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from instructrl import checkpoint, evaluators, losses, sharding
+from instructrl.data import lm as lm_data
+from instructrl.model import Transformer
+from instructrl.optim import make_optimizer
+from instructrl.sft import model_config
+from instructrl.tokenizer import Tokenizer, make_tokenizer
+from instructrl.train import TrainState, apply_gradients, fit, init_train_state
+
+log = logging.getLogger(__name__)
+
+GROUPS = {"train": 0, "heldout": 1}
+
+
+def encode_rankings(
+    tokenizer: Tokenizer,
+    rankings: Sequence[dict],
+    seq_len: int,
+    template: str = "{prompt}\n\n",
+    max_responses: int = 9,
+    skip_too_long: bool = False,
+    heldout_labelers: Sequence[str] = (),
+    source: str = "rankings",
+) -> tuple[dict[str, np.ndarray], int]:
+    """Rankings -> arrays; returns (arrays, number skipped).
+
+    rankings: [{prompt, responses[K], ranks[K], labeler_id?}], K from 2 to ``max_responses``.
+    arrays: tokens (N, K, T) int32 right-padded prompt + response + EOS; last (N, K) index of
+    the last real token; ranks (N, K) int32; mask (N, K) bool; group (N,) int32 (0 training
+    labelers, 1 held-out labelers, from ``heldout_labelers``).
+    A response that cannot fit beside one prompt token raises (or is dropped and the prompt
+    skipped when it leaves fewer than 2 responses, with ``skip_too_long``).
+    """
+    heldout = set(heldout_labelers)
+    rows, skipped = [], 0
+    for index, r in enumerate(rankings):
+        responses, ranks = list(r["responses"]), list(r["ranks"])
+        if len(responses) != len(ranks):
+            raise lm_data.DataError(
+                f"{source}: record {index + 1}: {len(responses)} responses but {len(ranks)} ranks"
+            )
+        if len(responses) > max_responses:
+            raise lm_data.DataError(
+                f"{source}: record {index + 1}: {len(responses)} responses exceed "
+                f"rm.max_responses={max_responses}"
+            )
+        encoded, kept_ranks = [], []
+        for response, rank in zip(responses, ranks, strict=True):
+            e = lm_data.encode_demonstration(
+                tokenizer, r["prompt"], response, seq_len - 1, template
+            )
+            if e is None:
+                if not skip_too_long:
+                    raise lm_data.DataError(
+                        f"{source}: record {index + 1}: field 'responses' has a response that "
+                        f"does not fit in seq_len={seq_len} (set data.skip_too_long=True)"
+                    )
+                continue
+            encoded.append(e[0])
+            kept_ranks.append(int(rank))
+        if len(encoded) < 2:
+            skipped += 1
+            continue
+        group = GROUPS["heldout"] if r.get("labeler_id") in heldout else GROUPS["train"]
+        rows.append((encoded, kept_ranks, group))
+    n = len(rows)
+    if n == 0:
+        raise lm_data.DataError(f"{source}: no usable rankings")
+    tokens = np.full((n, max_responses, seq_len), tokenizer.pad_id, np.int32)
+    last = np.zeros((n, max_responses), np.int32)
+    ranks_arr = np.zeros((n, max_responses), np.int32)
+    mask = np.zeros((n, max_responses), bool)
+    group = np.zeros((n,), np.int32)
+    for i, (encoded, rks, g) in enumerate(rows):
+        for k, (ids, rank) in enumerate(zip(encoded, rks, strict=True)):
+            tokens[i, k, : len(ids)] = ids
+            last[i, k] = len(ids) - 1
+            ranks_arr[i, k] = rank
+            mask[i, k] = True
+        group[i] = g
+    arrays = {"tokens": tokens, "last": last, "ranks": ranks_arr, "mask": mask, "group": group}
+    return arrays, skipped
+
+
+def expand_pairs(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every ordered pair as its own element with K = 2 (the shuffled-pairs ablation)."""
+    out = {k: [] for k in arrays}
+    for i in range(len(arrays["tokens"])):
+        m, r = arrays["mask"][i], arrays["ranks"][i]
+        for a in range(len(m)):
+            for b in range(len(m)):
+                if m[a] and m[b] and r[a] < r[b]:
+                    sel = [a, b]
+                    out["tokens"].append(arrays["tokens"][i, sel])
+                    out["last"].append(arrays["last"][i, sel])
+                    out["ranks"].append(np.array([0, 1], np.int32))
+                    out["mask"].append(np.array([True, True]))
+                    out["group"].append(arrays["group"][i])
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def rewards_at_last(model: Transformer, params, tokens, last, rules, **kwargs) -> jax.Array:
+    """Scalar rewards (B, K) for tokens (B, K, T), read at index ``last`` (B, K)."""
+    b, k, t = tokens.shape
+    with nn.logical_axis_rules(rules):
+        values = model.apply({"params": params}, tokens.reshape(b * k, t), **kwargs)  # (BK, T)
+    picked = jnp.take_along_axis(values, last.reshape(b * k, 1), axis=1)[:, 0]
+    return picked.reshape(b, k)
+
+
+def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
+    """One update on eq. (1). batch: tokens (B, K, T), last, ranks, mask (B, K)."""
+    rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        rewards = rewards_at_last(
+            model,
+            params,
+            batch["tokens"],
+            batch["last"],
+            rules,
+            deterministic=False,
+            rngs={"dropout": jax.random.fold_in(rng, 0)},
+        )
+        return losses.ranking_loss(rewards, batch["ranks"], batch["mask"])
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, norms = apply_gradients(state, grads, tx)
+    return state, {"loss": loss, **metrics, **norms}
+
+
+@evaluators.register("rm_accuracy")
+class RankingAccuracy:
+    """Pairwise accuracy and log loss (eq. 1) on held-out rankings, overall and by labeler
+    group (training vs held-out labelers), plus the reward distribution."""
+
+    def __init__(self, context, batch_size: int = 16, prefix: str = "eval"):
+        self.ctx, self.batch_size, self.prefix = context, batch_size, prefix
+        model, rules = context["model"], context["rules"]
+
+        @jax.jit
+        def stats(params, batch):
+            rewards = rewards_at_last(model, params, batch["tokens"], batch["last"], rules)
+            better = batch["ranks"][:, :, None] < batch["ranks"][:, None, :]
+            m = batch["mask"]
+            pairs = better & m[:, :, None] & m[:, None, :]
+            margin = rewards[:, :, None] - rewards[:, None, :]
+            return rewards, pairs, margin
+
+        self._stats = stats
+
+    def run(self, state):
+        arrays, mesh = self.ctx["eval_arrays"], self.ctx["mesh"]
+        n = len(arrays["tokens"])
+        pair_correct, pair_logloss, pair_group, rewards_all = [], [], [], []
+        for start in range(0, n, self.batch_size):
+            rows = {k: v[start : start + self.batch_size] for k, v in arrays.items()}
+            real = len(rows["tokens"])
+            if real < self.batch_size:
+                rows = {
+                    k: np.concatenate(
+                        [v, np.zeros((self.batch_size - real, *v.shape[1:]), v.dtype)]
+                    )
+                    for k, v in rows.items()
+                }
+            batch = sharding.shard_batch({k: v for k, v in rows.items() if k != "group"}, mesh)
+            rewards, pairs, margin = (
+                np.asarray(x)[:real] for x in self._stats(state.params, batch)
+            )
+            for i in range(real):
+                sel = pairs[i]
+                pair_correct.append((margin[i][sel] > 0).astype(np.float64))
+                pair_logloss.append(np.logaddexp(0.0, -margin[i][sel].astype(np.float64)))
+                pair_group.append(np.full(sel.sum(), rows["group"][i]))
+                rewards_all.append(rewards[i][rows["mask"][i]])
+        correct, logloss = np.concatenate(pair_correct), np.concatenate(pair_logloss)
+        group, rewards = np.concatenate(pair_group), np.concatenate(rewards_all)
+        p = self.prefix
+        out = {
+            f"{p}/accuracy": correct.mean(),
+            f"{p}/log_loss": logloss.mean(),
+            f"{p}/num_pairs": float(len(correct)),
+            f"{p}/reward_mean": rewards.mean(),
+            f"{p}/reward_std": rewards.std(),
+        }
+        for name, g in GROUPS.items():
+            if (group == g).any():
+                out[f"{p}/accuracy_{name}_labelers"] = correct[group == g].mean()
+                out[f"{p}/num_pairs_{name}_labelers"] = float((group == g).sum())
+        return out
+
+
+def load_rankings(path: str, config) -> tuple[list[dict], int]:
+    """Rankings of one file, read through data.sources with ``config.data``'s format/flags."""
+    from instructrl.data import sources
+
+    return sources.read_rankings(
+        path,
+        format=config.data.get("format", "auto"),
+        skip_invalid=bool(config.data.get("skip_invalid", False)),
+    )
+
+
+def normalization_bias(
+    model, params, rules, mesh, tokenizer, demonstrations, seq_len, template, batch_size: int = 16
+) -> float:
+    """-mean reward of the demonstrations: the bias that gives them mean reward 0."""
+    encoded = [
+        lm_data.encode_demonstration(tokenizer, d["prompt"], d["response"], seq_len - 1, template)
+        for d in demonstrations
+    ]
+    encoded = [e[0] for e in encoded if e is not None]
+    if not encoded:
+        raise lm_data.DataError("rm.normalize: no demonstration fits in seq_len")
+    tokens = np.full((len(encoded), 1, seq_len), tokenizer.pad_id, np.int32)
+    last = np.zeros((len(encoded), 1), np.int32)
+    for i, ids in enumerate(encoded):
+        tokens[i, 0, : len(ids)] = ids
+        last[i, 0] = len(ids) - 1
+
+    @jax.jit
+    def score(params, tokens, last):
+        return rewards_at_last(model, params, tokens, last, rules)
+
+    total = []
+    for start in range(0, len(encoded), batch_size):
+        t, la = tokens[start : start + batch_size], last[start : start + batch_size]
+        real = len(t)
+        if real < batch_size:
+            t = np.concatenate([t, np.repeat(t[:1], batch_size - real, 0)])
+            la = np.concatenate([la, np.repeat(la[:1], batch_size - real, 0)])
+        batch = sharding.shard_batch({"tokens": t, "last": la}, mesh)
+        with mesh:
+            total.append(np.asarray(score(params, batch["tokens"], batch["last"]))[:real, 0])
+    return -float(np.concatenate(total).mean())
+
+
+def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
+    """Train the reward model of ``config`` in ``workdir``; export normalized params.
+
+    Rankings come from ``config.data.path`` (held-out ones from ``config.data.eval_paths``, or
+    ``data.eval_examples`` prompts split off) unless given directly as lists of records.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = make_tokenizer(config.tokenizer)
+    cfg = model_config(config, tokenizer)
+    model = Transformer(cfg, head="scalar")
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.get("logical_rules"))
+    data = config.data
+    seq_len = int(data.seq_len)
+    template = data.get("template", "{prompt}\n\n")
+
+    invalid = 0
+    if rankings is None:
+        rankings, invalid = load_rankings(data.path, config)
+    eval_paths = list(data.get("eval_paths", []))
+    if eval_rankings is None and eval_paths:
+        eval_rankings = []
+        for path in eval_paths:
+            records, bad = load_rankings(path, config)
+            eval_rankings, invalid = eval_rankings + records, invalid + bad
+    encode = functools.partial(
+        encode_rankings,
+        tokenizer,
+        seq_len=seq_len,
+        template=template,
+        max_responses=int(config.rm.max_responses),
+        skip_too_long=bool(data.get("skip_too_long", False)),
+        heldout_labelers=list(data.get("heldout_labelers", [])),
+    )
+    arrays, too_long = encode(rankings, source=data.get("path") or "rankings")
+    if eval_rankings is not None:
+        train_arrays = arrays
+        eval_arrays, eval_too_long = encode(eval_rankings, source="eval rankings")
+        too_long += eval_too_long
+    else:
+        train_arrays, eval_arrays = lm_data.split(arrays, int(data.eval_examples), int(config.seed))
+    if config.rm.pairs == "shuffled":
+        train_arrays = expand_pairs(train_arrays)
+    elif config.rm.pairs != "all_in_one":
+        raise ValueError(f"rm.pairs must be 'all_in_one' or 'shuffled', got {config.rm.pairs!r}")
+    train_arrays.pop("group")
+    batch_size = int(config.train.batch_size)
+    batcher = lm_data.EpochBatcher(
+        train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
+    )
+    total_steps = int(config.train.get("steps") or 0) or max(
+        int(round(float(config.train.epochs) * batcher.steps_per_epoch)), 1
+    )
+    opt_cfg = config.optimizer.copy_and_resolve_references()
+    with opt_cfg.unlocked():
+        opt_cfg.total_steps = total_steps
+    tx, schedule = make_optimizer(opt_cfg)
+    k = train_arrays["tokens"].shape[1]
+    example = {"tokens": jax.ShapeDtypeStruct((batch_size * k, seq_len), jnp.int32)}
+    state, shardings, abstract = init_train_state(
+        model, tx, jax.random.key(int(config.seed)), example, mesh, rules
+    )
+    info = {
+        "rankings": len(rankings),
+        "invalid_skipped": invalid,
+        "too_long_skipped": too_long,
+        "train_elements": batcher.size,
+        "eval_prompts": len(eval_arrays["tokens"]),
+        "total_steps": total_steps,
+        "pairs": config.rm.pairs,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "run_info.json"), "w") as f:
+            json.dump({**info, "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+
+    def init_from(state):
+        trunk = {name: v for name, v in abstract.params.items() if name != "scalar_head"}
+        params = dict(checkpoint.latest_params(config.init_from, trunk))
+        params["scalar_head"] = state.params["scalar_head"]
+        return state.replace(params=params, opt_state=tx.init(params))
+
+    def step_fn(state, batch, rng):
+        state, metrics = rm_step(model, tx, rules, state, batch, rng)
+        return state, {**metrics, "lr": schedule(state.step - 1)}
+
+    context = {
+        "config": config,
+        "model": model,
+        "mesh": mesh,
+        "rules": rules,
+        "tokenizer": tokenizer,
+        "eval_arrays": eval_arrays,
+    }
+    state = fit(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        state=state,
+        state_shardings=shardings,
+        abstract_state=abstract,
+        step_fn=step_fn,
+        batcher=batcher,
+        total_steps=total_steps,
+        tokens_per_step=lambda b: int((b["last"] + 1)[b["mask"]].sum()) * jax.process_count(),
+        init_from=init_from if config.get("init_from") else None,
+        eval_context=context,
+        prefix="rm",
+    )
+    params = state.params
+    bias = 0.0
+    if config.rm.get("normalize_with"):
+        demos, _ = lm_data.load_demonstrations(config.rm.normalize_with, skip_invalid=True)
+        demos = demos[: int(config.rm.get("normalize_examples", 256))]
+        bias = normalization_bias(model, params, rules, mesh, tokenizer, demos, seq_len, template)
+        params = add_reward_bias(params, bias)
+    checkpoint.export_params(workdir, params, {"reward_bias": bias, **info})
+    return state.replace(params=params)
+
+
+def add_reward_bias(params, bias: float):
+    """Fold a constant into the scalar head's bias (every later use of the RM applies it)."""
+    head = dict(params["scalar_head"])
+    head["bias"] = head["bias"] + jnp.asarray(bias, head["bias"].dtype)
+    return {**params, "scalar_head": head}
