@@ -27,11 +27,19 @@ def _define_flags():
 
 def run_stage(config, workdir: str):
     """Dispatch one training stage by ``config.stage``."""
-    from instructrl import sft
-
     if config.stage in ("pretrain", "sft"):
+        from instructrl import sft
+
         return sft.run(config, workdir)
-    raise ValueError(f"config.stage={config.stage!r} is not a known stage (pretrain, sft)")
+    if config.stage == "rm":
+        from instructrl import rm
+
+        return rm.run(config, workdir)
+    if config.stage == "ppo":
+        from instructrl import ppo
+
+        return ppo.run(config, workdir)
+    raise ValueError(f"config.stage={config.stage!r} is not a known stage (pretrain, sft, rm, ppo)")
 
 
 def _main(command: str, flags, argv):

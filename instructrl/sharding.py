@@ -122,15 +122,15 @@ def host_batch_slice(global_batch_size: int) -> slice:
     return slice(index * per_host, (index + 1) * per_host)
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Turn this host's rows of a global batch into global arrays sharded over (data, fsdp).
 
-    ``batch`` holds this process's slice (rows ``host_batch_slice``); on one host that is the
-    whole batch.
+    ``batch`` (a possibly nested dict of arrays) holds this process's slice (rows
+    ``host_batch_slice``); on one host that is the whole batch.
     """
-    out = {}
-    for key, value in batch.items():
+
+    def put(value):
         value = np.asarray(value)
-        sharding = batch_sharding(mesh, value.ndim)
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+
+    return jax.tree.map(put, dict(batch))

@@ -7,6 +7,7 @@ jit with shardings and donation, logging, evaluation, checkpointing and model se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -31,11 +32,16 @@ class TrainState:
     opt_state: Any
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        return state_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"])
+        return cls(**d)
+
+
+def state_dict(state) -> dict[str, Any]:
+    """A flax dataclass state as a plain dict of its fields (what checkpoints hold)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 def init_train_state(
@@ -97,11 +103,14 @@ def fit(
     init_from: Callable[[TrainState], TrainState] | None = None,
     eval_context: dict[str, Any] | None = None,
     prefix: str = "train",
-) -> TrainState:
+    jit_step: bool = True,
+):
     """Run ``step_fn`` from the resumed step to ``total_steps``; return the final state.
 
     Resume order: (1) latest checkpoint in workdir; (2) ``init_from(state)`` (params only);
-    (3) the initial state. Checkpoints are written every ``config.checkpoint.every_steps`` and
+    (3) the initial state. Any flax dataclass state with ``step`` and ``params`` fields works.
+    With ``jit_step=False`` the step function is called as is (it jits its own phases, as PPO
+    does). Checkpoints are written every ``config.checkpoint.every_steps`` and
     at the end; ``config.checkpoint.select_by`` (a metric of an evaluator, lower is better
     unless ``select_mode='max'``) keeps the best params under workdir/best.
     """
@@ -115,20 +124,23 @@ def fit(
     )
     latest = mngr.latest_step()
     if latest is not None:
-        state = TrainState.from_dict(checkpoint.restore(mngr, latest, abstract_state.as_dict()))
+        restored = checkpoint.restore(mngr, latest, state_dict(abstract_state))
+        state = type(state)(**restored)
         log.info("resumed from %s step %d", workdir, latest)
     elif init_from is not None:
         state = init_from(state)
     start = int(jax.device_get(state.step))
 
     example = batcher.batch(0)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
-    jstep = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
+    jstep = step_fn
+    if jit_step:
+        jstep = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
     evals = evaluators.build(config.get("evals"), {**(eval_context or {}), "workdir": workdir})
     writer = MetricWriter(workdir, enabled=is_main)
     best = _Best(workdir, ckpt_cfg) if ckpt_cfg.get("select_by") else None
@@ -165,7 +177,7 @@ def fit(
                     if best is not None:
                         best.update(done, results, state)
             if done % every_save == 0 or done == total_steps:
-                checkpoint.save(mngr, done, state.as_dict(), force=True)
+                checkpoint.save(mngr, done, state_dict(state), force=True)
             if progress is not None:
                 progress.update(1)
     finally:
