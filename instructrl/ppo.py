@@ -382,11 +382,18 @@ class PolicyEval:
             f"{self.prefix}/kl_to_ref": float(kl.mean()),
             f"{self.prefix}/response_length": float(np.asarray(m).sum(1).mean()),
         }
+        tok = ctx["tokenizer"]
+        texts = [tok.decode_until_eos(row) for row in np.asarray(samples.tokens)]
         scorer = ctx.get("gold_scorer")
         if scorer is not None:
-            tok = ctx["tokenizer"]
-            texts = [tok.decode_until_eos(row) for row in np.asarray(samples.tokens)]
             out[f"{self.prefix}/gold_score"] = float(np.mean(scorer(texts)))
+        if jax.process_index() == 0:
+            step = int(jax.device_get(state.step))
+            scores = np.asarray(rollout.raw_scores)
+            with open(os.path.join(ctx["workdir"], "samples.jsonl"), "a") as f:
+                for prompt, text, score in zip(ctx["eval_texts"], texts, scores, strict=True):
+                    row = {"step": step, "prompt": prompt, "response": text, "score": float(score)}
+                    f.write(json.dumps(row) + "\n")
         return out
 
 
@@ -402,7 +409,7 @@ def load_prompts(path: str) -> list[dict]:
     records = []
     if path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+            for line in f:
                 if line.strip():
                     rec = json.loads(line)
                     if "prompt" not in rec:
@@ -526,6 +533,7 @@ def run(config, workdir: str) -> PPOState:
         "frozen": frozen,
         "eval_prompts": (jnp.asarray(eval_tokens), jnp.asarray(eval_mask)),
         "gold_scorer": world_gold_scorer(config, eval_records),
+        "eval_texts": [r["prompt"] for r in eval_records],
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "run_info.json"), "w") as f:
