@@ -34,6 +34,10 @@ class ModelConfig:
     ``remat`` is "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
     ``attention`` is passed to ``jax.nn.dot_product_attention(implementation=...)``: None lets
     JAX choose, "cudnn" forces the fused GPU kernel, "xla" the reference path.
+    ``qkv_bias`` adds biases to the query/key/value projections (default: gpt only; Qwen2 has
+    them on llama). ``rope_scaling`` stretches RoPE for long contexts: "linear" divides every
+    frequency by ``rope_factor``; "llama3" (Llama 3.1) divides only the low frequencies, with
+    a smooth ramp between ``rope_low_freq_factor`` and ``rope_high_freq_factor``.
     """
 
     family: str = "gpt"
@@ -52,6 +56,12 @@ class ModelConfig:
     remat: str = "none"
     attention: str | None = None
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool | None = None
     init_std: float = 0.02
@@ -61,6 +71,10 @@ class ModelConfig:
             raise ValueError(f"model.family must be 'gpt' or 'llama', got {self.family!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}")
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ValueError(
+                f"model.rope_scaling must be none|linear|llama3, got {self.rope_scaling!r}"
+            )
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
@@ -82,6 +96,10 @@ class ModelConfig:
         if self.family == "gpt":
             return 4 * self.d_model
         return 256 * -(-int(8 * self.d_model / 3) // 256)  # Llama: 2/3 of 4d, rounded up
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.family == "gpt" if self.qkv_bias is None else self.qkv_bias
 
     @property
     def tied(self) -> bool:
@@ -133,13 +151,33 @@ class Norm(nn.Module):
         return y.astype(cfg.compute_dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies theta^(-2i/H), i < H/2, after ``cfg.rope_scaling``. (H/2,)"""
+    half = cfg.head_size // 2
+    freqs = 1.0 / cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "linear":
+        freqs = freqs / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: wavelengths longer than original_max_len / low_freq_factor are stretched by
+        # `factor`, shorter than original_max_len / high_freq_factor kept, a linear ramp between.
+        wavelen = 2 * jnp.pi / freqs
+        ramp = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smooth = jnp.clip(ramp, 0.0, 1.0)
+        freqs = (1 - smooth) * freqs / cfg.rope_factor + smooth * freqs
+    return freqs
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float, freqs=None) -> jax.Array:
     """RoPE (Su et al. 2021) in the half-split layout of the Hugging Face Llama code.
 
-    x: (B, T, N, H); positions: (B, T). Pairs feature i with feature i + H/2.
+    x: (B, T, N, H); positions: (B, T); freqs: (H/2,) (default theta^(-2i/H)).
+    Pairs feature i with feature i + H/2.
     """
     half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    if freqs is None:
+        freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
     angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -165,28 +203,30 @@ class Attention(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.weight_dtype,
         )
+        qkv_dense = functools.partial(dense, use_bias=cfg.has_qkv_bias)
         heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        q = dense(
+        q = qkv_dense(
             (heads, hd),
             kernel_init=_init(cfg, ("embed", "heads", "kv")),
             bias_init=_zeros(("heads", "kv")),
             name="query",
         )(x)  # (B, T, N, H)
-        k = dense(
+        k = qkv_dense(
             (kv_heads, hd),
             kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
             bias_init=_zeros(("kv_heads", "kv")),
             name="key",
         )(x)  # (B, T, K, H)
-        v = dense(
+        v = qkv_dense(
             (kv_heads, hd),
             kernel_init=_init(cfg, ("embed", "kv_heads", "kv")),
             bias_init=_zeros(("kv_heads", "kv")),
             name="value",
         )(x)  # (B, T, K, H)
         if cfg.family == "llama":
-            q = rotary(q, positions, cfg.rope_theta)
-            k = rotary(k, positions, cfg.rope_theta)
+            freqs = rope_frequencies(cfg)
+            q = rotary(q, positions, cfg.rope_theta, freqs)
+            k = rotary(k, positions, cfg.rope_theta, freqs)
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "act_kv"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
