@@ -3,7 +3,8 @@
 Resume order (every stage):
   1. a checkpoint in ``workdir/checkpoints``: full resume (params, optimizer state, step; the
      data position is a function of the step, so the run continues on the exact next batch);
-  2. else ``init_from``: params only, from another stage's workdir (SFT -> RM, SFT + RM -> PPO);
+  2. else ``init_from``: params only, from another stage's workdir (SFT -> RM, SFT + RM -> PPO)
+     or a pretrained file (``hf:DIR``, ``gguf:FILE``: ``instructrl.convert``);
   3. else the freshly initialized state.
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact.
@@ -78,7 +79,12 @@ def params_source(workdir: str) -> tuple[str, int]:
 def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
     """Params (only) of another stage's workdir (``params_source``), restored into the
     shardings of ``abstract_params``. ``abstract_params`` may be a sub-tree of that stage's
-    params (e.g. the trunk without the LM head); extra saved entries are ignored."""
+    params (e.g. the trunk without the LM head); extra saved entries are ignored.
+    ``hf:DIR`` / ``gguf:FILE`` read a pretrained model straight into those shardings."""
+    if workdir.startswith(("hf:", "gguf:")):
+        from instructrl import convert
+
+        return convert.load_params(workdir, abstract_params)
     directory, step = params_source(workdir)
     mngr = ocp.CheckpointManager(directory)
     saved = mngr.item_metadata(step)
