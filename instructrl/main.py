@@ -9,7 +9,9 @@ command line with ``--config.<path>=<value>`` (ml_collections config flags).
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import sys
 
 COMMANDS = ("train", "pipeline")
@@ -59,6 +61,13 @@ def _main(command: str, flags, argv):
 
         config = flags.config or pipeline.default_config()
         pipeline.run(config, flags.workdir)
+        report_path = os.path.join(flags.workdir, "report.json")
+        if os.path.exists(report_path):
+            from instructrl import report
+
+            with open(report_path) as f:
+                print("\n" + report.headline(json.load(f)) + "\n")
+            print(f"full report: {os.path.join(flags.workdir, 'report.md')}")
     else:
         if flags.config is None:
             raise SystemExit("--config is required, e.g. --config configs/sft.py:runlocal")

@@ -1,0 +1,188 @@
+"""Evaluation the way the paper does it (section 4; figures 3 and 4; table 14), on the world.
+
+Every model answers the same held-out prompts (never seen in SFT, RM or PPO training):
+
+  base          the pretrained model, prompt as is (GPT-3 zero-shot)
+  base_fewshot  the pretrained model behind solved examples of the same task family
+                (the paper's "GPT-3 prompted"); its answer is cut at the "###" separator
+  sft, ppo, ppo_ptx
+
+and is judged by the *held-out* labelers (figure 3's held-out workers), one labeler per prompt:
+  win_rate_vs_sft  the labeler's preference against the SFT answer to the same prompt (ties
+                   count one half), with a 95% normal-approximation interval over prompts
+  likert           mean 1-7 rating
+  attribute rates  the labelers' metadata flags of figure 4 (follows_instruction,
+                   satisfies_constraints, hallucination (closed-domain prompts only),
+                   truthful, toxic, appropriate_for_customer_assistant)
+and measured against ground truth: gold_score (the world's rubric), rm_score (the normalized
+reward model), kl_to_sft (sum over response tokens of log pi - log pi_SFT on the model's own
+answers), and the alignment tax (table 14): pretrain_loss on held-out pretraining documents
+and few-shot scores on the held-out "public NLP" families no stage ever trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from instructrl.policy_io import Toolkit, sequence_kl
+
+log = logging.getLogger(__name__)
+
+MODELS = ("base", "base_fewshot", "sft", "ppo", "ppo_ptx")
+MODEL_STAGE = {
+    "base": "pretrain",
+    "base_fewshot": "pretrain",
+    "sft": "sft",
+    "ppo": "ppo",
+    "ppo_ptx": "ppo_ptx",
+}
+ATTRIBUTES = (
+    "follows_instruction",
+    "satisfies_constraints",
+    "hallucination",
+    "truthful",
+    "toxic",
+    "appropriate_for_customer_assistant",
+)
+FEWSHOT_STOP = "###"
+
+
+def interval(outcomes, z: float = 1.96) -> dict:
+    """Mean with a normal-approximation 95% interval: {mean, low, high, n}."""
+    x = np.asarray(outcomes, np.float64)
+    mean = float(x.mean())
+    half = z * float(x.std(ddof=1)) / np.sqrt(len(x)) if len(x) > 1 else 0.0
+    return {"mean": mean, "low": max(0.0, mean - half), "high": min(1.0, mean + half), "n": len(x)}
+
+
+def judge(world, records: list[dict], responses: list[str], sft_responses: list[str]) -> dict:
+    """Held-out labelers' verdicts and gold scores of one model's responses."""
+    heldout = world.labelers.heldout
+    wins, likerts, gold = [], [], []
+    flags = {k: [] for k in ATTRIBUTES}
+    gold_attr = {k: [] for k in ATTRIBUTES}
+    for i, (record, response, sft_response) in enumerate(
+        zip(records, responses, sft_responses, strict=True)
+    ):
+        labeler = heldout[i % len(heldout)]
+        wins.append(labeler.compare(record, response, sft_response))
+        likerts.append(labeler.likert(record, response))
+        judged, truth = labeler.flags(record, response), world.score(record, response)
+        gold.append(truth["score"])
+        closed = world.family(record).closed_domain
+        for k in ATTRIBUTES:
+            if k == "hallucination" and not closed:
+                continue  # the paper measures hallucination on closed-domain tasks only
+            flags[k].append(float(judged[k]))
+            gold_attr[k].append(float(truth[k]))
+    out = {
+        "win_rate_vs_sft": interval(wins),
+        "likert": float(np.mean(likerts)),
+        "gold_score": float(np.mean(gold)),
+    }
+    out.update({k: float(np.mean(v)) if v else None for k, v in flags.items()})
+    out["gold_attributes"] = {k: float(np.mean(v)) if v else None for k, v in gold_attr.items()}
+    out["response_words"] = float(np.mean([len(r.split()) for r in responses]))
+    return out
+
+
+def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, seed: int) -> dict:
+    """Few-shot score per held-out family (the alignment-tax benchmarks) and their mean."""
+    from instructrl.world import heldout
+
+    prompts = [heldout.fewshot_prompt(world, item, shots, seed=seed) for item in items]
+    scores = np.zeros(len(items))
+    choice_idx = [i for i, it in enumerate(items) if it["choices"]]
+    free_idx = [i for i, it in enumerate(items) if not it["choices"]]
+    if choice_idx:
+        ll = tk.choice_loglik(
+            params,
+            [prompts[i] for i in choice_idx],
+            [[" " + c for c in items[i]["choices"]] for i in choice_idx],
+        )
+        for row, i in enumerate(choice_idx):
+            scores[i] = heldout.score_prediction(items[i], int(np.argmax(ll[row])))
+    if free_idx:
+        batch = tk.sample(
+            params, [prompts[i] for i in free_idx], max_new_tokens=24, temperature=0.0
+        )
+        for text, i in zip(batch.texts, free_idx, strict=True):
+            scores[i] = heldout.score_prediction(items[i], text)
+    by_family = {}
+    families = np.asarray([it["family"] for it in items])
+    for family in dict.fromkeys(families):
+        by_family[str(family)] = float(scores[families == family].mean())
+    return {"mean": float(np.mean(list(by_family.values()))), **by_family}
+
+
+def run(config, workdir: str, stage_dir: str) -> dict:
+    """Evaluate every model of MODELS whose stage ran; writes stage_dir/evaluation.json and
+    stage_dir/samples_<model>.jsonl; returns the evaluation dict."""
+    from instructrl.pipeline import build_world
+    from instructrl.world.datasets import read_jsonl
+
+    e = config.evaluate
+    world = build_world(config)
+    tk = Toolkit(config.sft, batch_size=int(e.batch_size))
+    template = config.sft.data.get("template", "{prompt}\n\n")
+    records = read_jsonl(os.path.join(workdir, "world", "prompts_eval.jsonl"))
+    prompts = [r["prompt"] for r in records]
+    stage = lambda name: os.path.join(workdir, name)  # noqa: E731
+    available = [m for m in MODELS if os.path.exists(os.path.join(stage(MODEL_STAGE[m]), "DONE"))]
+    if "sft" not in available:
+        raise FileNotFoundError(f"evaluate: the sft stage has not finished under {workdir}")
+    params = {m: tk.params(stage(MODEL_STAGE[m])) for m in available}
+    rm_params = tk.params(stage("rm"), head="scalar") if os.path.exists(stage("rm/DONE")) else None
+    docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
+    items = read_jsonl(os.path.join(workdir, "world", "heldout_tasks.jsonl"))
+    sample_kwargs = dict(
+        max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), seed=int(e.seed)
+    )
+
+    batches = {}
+    for m in available:
+        if m == "base_fewshot":
+            shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
+            b = tk.sample(params[m], shots, template=template, **sample_kwargs)
+            # The answer ends at the separator; it is judged as a response to the prompt.
+            texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
+            b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
+        else:
+            b = tk.sample(params[m], prompts, template=template, **sample_kwargs)
+        batches[m] = b
+        with open(os.path.join(stage_dir, f"samples_{m}.jsonl"), "w") as f:
+            for r, text in zip(records, b.texts, strict=True):
+                f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n")
+
+    results = {}
+    sft_texts = batches["sft"].texts
+    for m in available:
+        b = batches[m]
+        res = judge(world, records, b.texts, sft_texts)
+        if m == "base_fewshot":
+            res["kl_to_sft"] = None  # its answers were sampled under another prompt
+        else:
+            kl = sequence_kl(tk.logprobs(params[m], b), tk.logprobs(params["sft"], b), b.mask)
+            res["kl_to_sft"] = float(kl.mean())
+        res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
+        res["pretrain_loss"] = tk.lm_loss(params[m], docs, int(config.pretrain.data.seq_len))
+        if m != "base_fewshot":
+            res["fewshot_heldout"] = heldout_scores(
+                tk, params[m], world, items, int(e.heldout_shots), int(e.seed)
+            )
+        else:
+            res["fewshot_heldout"] = results.get("base", {}).get("fewshot_heldout")
+        results[m] = res
+        log.info(
+            "evaluate %s: %s",
+            m,
+            json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}),
+        )
+    out = {"models": results, "num_prompts": len(records), "settings": e.to_dict()}
+    with open(os.path.join(stage_dir, "evaluation.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out

@@ -1,0 +1,241 @@
+"""Load a finished stage's params and use them outside training: sample, score, measure.
+
+The pipeline's comparison-collection and evaluation steps need the same few operations on
+trained models: restore params from a stage workdir (``checkpoint.params_source`` order), sample
+responses to text prompts with the KV-cache sampler, teacher-force log-probs, read reward-model
+scores, and compute a held-out language-modelling loss. ``Toolkit`` bundles the model
+definitions of one pipeline (all stages share the tokenizer and the model shape) and jits each
+operation once per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from instructrl import checkpoint, losses, sharding
+from instructrl.data import lm as lm_data
+from instructrl.model import ModelConfig, Transformer
+from instructrl.ppo import Models, response_logprobs, reward_scores
+from instructrl.sampler import generate
+from instructrl.sampling import left_pad
+from instructrl.sft import model_config
+from instructrl.tokenizer import Tokenizer, make_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Batch:
+    """Prompts and sampled responses of one generation call (numpy, unpadded rows only)."""
+
+    prompts: list[str]
+    texts: list[str]  # decoded responses, cut at EOS
+    prompt_tokens: np.ndarray  # (B, P) left-padded
+    prompt_mask: np.ndarray  # (B, P)
+    tokens: np.ndarray  # (B, N) response tokens, pad after EOS
+    mask: np.ndarray  # (B, N) 1 through EOS
+
+
+class Toolkit:
+    """Model definitions, tokenizer and mesh of one pipeline, plus jitted helpers.
+
+    stage_config: any stage's config (``tokenizer``, ``model``, ``mesh``, ``logical_rules``).
+    """
+
+    def __init__(self, stage_config, batch_size: int = 32):
+        self.tokenizer: Tokenizer = make_tokenizer(stage_config.tokenizer)
+        cfg: ModelConfig = model_config(stage_config, self.tokenizer)
+        self.cfg = dataclasses.replace(cfg, dropout=0.0)
+        self.rules = sharding.rules_from_config(stage_config.get("logical_rules"))
+        self.mesh = sharding.make_mesh(stage_config.mesh)
+        self.models = Models(
+            Transformer(self.cfg, head="lm"), Transformer(self.cfg, head="scalar"), self.rules
+        )
+        # Rows per call: a multiple of the device count so the batch axis shards evenly.
+        n = jax.device_count()
+        self.batch_size = max(n, -(-batch_size // n) * n)
+        self._abstract = {}
+        self._generators = {}
+
+    # ---- params -----------------------------------------------------------------------------
+    def params(self, workdir: str, head: str = "lm"):
+        """The params a stage in ``workdir`` exported (LM head or scalar head)."""
+        if head not in self._abstract:
+            model = self.models.policy if head == "lm" else self.models.scalar
+
+            def init(rng):
+                with nn.logical_axis_rules(self.rules):
+                    return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+            boxed = jax.eval_shape(init, jax.random.key(0))
+            shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+            self._abstract[head] = sharding.abstract_with_shardings(nn.unbox(boxed), shardings)
+        return checkpoint.latest_params(workdir, self._abstract[head])
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int, template: str = "{prompt}"):
+        """Left-padded (B, P) prompt tokens; prompts longer than the room left for
+        ``max_new_tokens`` are truncated from the left. P is rounded up to a multiple of 16
+        so that few shapes compile."""
+        room = self.cfg.max_len - max_new_tokens
+        ids = [self.tokenizer.encode(template.format(prompt=p))[-room:] for p in prompts]
+        length = min(room, -(-max(map(len, ids)) // 16) * 16)
+        return left_pad(ids, self.tokenizer.pad_id, length)
+
+    def _chunks(self, *arrays):
+        """Yields (valid_rows, padded arrays) in chunks of ``batch_size`` rows."""
+        total = len(arrays[0])
+        for start in range(0, total, self.batch_size):
+            stop = min(start + self.batch_size, total)
+            chunk = []
+            for a in arrays:
+                part = a[start:stop]
+                if len(part) < self.batch_size:  # repeat the last row; dropped afterwards
+                    fill = np.repeat(part[-1:], self.batch_size - len(part), axis=0)
+                    part = np.concatenate([part, fill], axis=0)
+                chunk.append(jnp.asarray(part))
+            yield stop - start, chunk
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+        key = (max_new_tokens, temperature, top_k, top_p)
+        if key not in self._generators:
+            self._generators[key] = self._make_generate(*key)
+        return self._generators[key]
+
+    def _make_generate(self, max_new_tokens, temperature, top_k, top_p):
+        return jax.jit(
+            functools.partial(
+                generate,
+                self.models.policy,
+                max_new_tokens=max_new_tokens,
+                eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                rules=self.rules,
+            )
+        )
+
+    def sample(
+        self,
+        params,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        template: str = "{prompt}",
+    ) -> Batch:
+        """One response per prompt (temperature 0: greedy)."""
+        p_tokens, p_mask = self.encode_prompts(prompts, max_new_tokens, template)
+        fn = self._generate(max_new_tokens, float(temperature), int(top_k), float(top_p))
+        tokens, masks = [], []
+        with self.mesh:
+            for i, (n, (pt, pm)) in enumerate(self._chunks(p_tokens, p_mask)):
+                out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
+                tokens.append(np.asarray(out.tokens)[:n])
+                masks.append(np.asarray(out.mask)[:n])
+        tokens, masks = np.concatenate(tokens), np.concatenate(masks)
+        texts = [self.tokenizer.decode_until_eos(row) for row in tokens]
+        return Batch(list(prompts), texts, p_tokens, p_mask, tokens, masks)
+
+    # ---- scoring ----------------------------------------------------------------------------
+    @functools.cached_property
+    def _logprobs(self):
+        def fn(params, pt, pm, t, m):
+            return response_logprobs(self.models, params, pt, pm, t, m)[0] * m
+
+        return jax.jit(fn)
+
+    @functools.cached_property
+    def _scores(self):
+        return jax.jit(functools.partial(reward_scores, self.models))
+
+    def _map(self, fn, params, batch: Batch) -> np.ndarray:
+        outs = []
+        arrays = (batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask)
+        with self.mesh:
+            for n, chunk in self._chunks(*arrays):
+                outs.append(np.asarray(fn(params, *chunk))[:n])
+        return np.concatenate(outs)
+
+    def logprobs(self, params, batch: Batch) -> np.ndarray:
+        """(B, N) teacher-forced log-probs of the batch's response tokens (0 off the mask)."""
+        return self._map(self._logprobs, params, batch)
+
+    def rm_scores(self, rm_params, batch: Batch) -> np.ndarray:
+        """(B,) reward-model scores (normalization folded into the RM's params)."""
+        return self._map(self._scores, rm_params, batch)
+
+    def batch_from_texts(
+        self, prompts: list[str], texts: list[str], max_new_tokens: int, template: str = "{prompt}"
+    ) -> Batch:
+        """Responses given as text (e.g. few-shot answers cut at a stop sequence) as a batch
+        under ``prompts``: each response is re-tokenized, ends with EOS, and is cut to fit."""
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        tokens = np.full((len(texts), max_new_tokens), pad, np.int32)
+        mask = np.zeros((len(texts), max_new_tokens), np.int32)
+        for i, text in enumerate(texts):
+            ids = (self.tokenizer.encode(text) + [eos])[:max_new_tokens]
+            tokens[i, : len(ids)], mask[i, : len(ids)] = ids, 1
+        pt, pm = self.encode_prompts(prompts, max_new_tokens, template)
+        return Batch(list(prompts), list(texts), pt, pm, tokens, mask)
+
+    # ---- language modelling -----------------------------------------------------------------
+    @functools.cached_property
+    def _nll_sums(self):
+        def fn(params, inputs, targets, loss_mask):
+            with nn.logical_axis_rules(self.rules):
+                logits = self.models.policy.apply({"params": params}, inputs)
+            logp = losses.token_logprobs(logits, targets)
+            return -(logp * loss_mask).sum(), loss_mask.sum()
+
+        return jax.jit(fn)
+
+    def lm_loss(self, params, documents: list[str], seq_len: int) -> float:
+        """Mean next-token NLL (nats) over the tokens of ``documents``."""
+        arrays = lm_data.text_arrays(self.tokenizer, documents, seq_len)
+        total, count = 0.0, 0.0
+        keys = ("inputs", "targets", "loss_mask")
+        with self.mesh:
+            for n, chunk in self._chunks(*(arrays[k] for k in keys)):
+                chunk[2] = chunk[2] * (jnp.arange(self.batch_size) < n)[:, None]
+                s, c = self._nll_sums(params, *chunk)
+                total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    def choice_loglik(self, params, contexts: list[str], choices: list[list[str]]) -> np.ndarray:
+        """(num_items, num_choices) summed log-likelihood of each choice after its context."""
+        flat_prompts = [c for c, opts in zip(contexts, choices, strict=True) for _ in opts]
+        flat_choices = [o for opts in choices for o in opts]
+        ids = [self.tokenizer.encode(o) for o in flat_choices]
+        n_max = max(map(len, ids))
+        tokens = np.full((len(ids), n_max), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(ids), n_max), np.int32)
+        for i, row in enumerate(ids):
+            tokens[i, : len(row)], mask[i, : len(row)] = row, 1
+        pt, pm = self.encode_prompts(flat_prompts, n_max)
+        batch = Batch(flat_prompts, flat_choices, pt, pm, tokens, mask)
+        flat = self.logprobs(params, batch).sum(1)
+        out, i = [], 0
+        for opts in choices:
+            out.append(flat[i : i + len(opts)])
+            i += len(opts)
+        return np.stack(out)
+
+
+def sequence_kl(logprobs: np.ndarray, ref_logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B,) sum over response tokens of log pi - log pi_ref: a sample estimate of
+    KL(pi || pi_ref) per response when the responses were drawn from pi."""
+    return ((logprobs - ref_logprobs) * mask).sum(axis=1)

@@ -1,0 +1,234 @@
+"""The pipeline's report: DIR/report.json, DIR/report.md and PNG plots under DIR/plots/.
+
+report.json:
+  models.<name> (base, base_fewshot, sft, ppo, ppo_ptx): win_rate_vs_sft {mean, low, high, n},
+      likert, gold_score, rm_score, kl_to_sft, pretrain_loss, one key per attribute rate
+      (evaluate.ATTRIBUTES), gold_attributes, fewshot_heldout {mean, <family>...}
+  reward_model: accuracy and log loss on validation rankings by training and by held-out
+      labelers, and the labelers' own agreement on the same comparisons
+  curves.<ppo|ppo_ptx>: per-iteration RM score, KL to SFT, total reward, ptx loss
+  alignment_tax: pretraining loss and held-out few-shot score change from SFT
+  timings: seconds per stage
+Plots (figure analogs): reward_kl_curves.png, win_rates.png (figure 3), attributes.png
+(figure 4), alignment_tax.png (table 14).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from instructrl.evaluate import ATTRIBUTES, MODELS
+
+log = logging.getLogger(__name__)
+
+CURVE_KEYS = ("ppo/score", "ppo/kl_to_ref", "ppo/total_reward", "ppo/ptx_loss", "ppo/kl_coef")
+
+
+def _jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def curves(stage_dir: str) -> dict[str, list]:
+    rows = [r for r in _jsonl(os.path.join(stage_dir, "metrics.jsonl")) if "ppo/score" in r]
+    out = {"step": [r["step"] for r in rows]}
+    for key in CURVE_KEYS:
+        if any(key in r for r in rows):
+            out[key.split("/", 1)[1]] = [r.get(key) for r in rows]
+    return out
+
+
+def reward_model_summary(workdir: str) -> dict:
+    rows = [r for r in _jsonl(os.path.join(workdir, "rm", "metrics.jsonl")) if "eval/accuracy" in r]
+    out = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if "/" in k}
+    agreement = labeler_agreement(workdir)
+    if agreement:
+        out["labeler_agreement"] = agreement
+    return out
+
+
+def labeler_agreement(workdir: str) -> dict | None:
+    """Pairwise agreement of training vs held-out labelers on the same validation prompts'
+    responses: the ceiling an RM trained on one group can reach on the other (paper: 72.6%)."""
+    from instructrl.world.labelers import pair_agreement
+
+    a = _jsonl(os.path.join(workdir, "rankings", "rankings_valid_train_labelers.jsonl"))
+    b = _jsonl(os.path.join(workdir, "rankings", "rankings_valid_heldout_labelers.jsonl"))
+    agree = total = 0
+    for x, y in zip(a, b, strict=False):
+        if x["responses"] == y["responses"]:
+            ag, tot = pair_agreement(x["ranks"], y["ranks"])
+            agree, total = agree + ag, total + tot
+    return {"train_vs_heldout": agree / total, "pairs": total} if total else None
+
+
+def build(workdir: str) -> dict:
+    evaluation = _json(os.path.join(workdir, "evaluate", "evaluation.json")) or {"models": {}}
+    models = evaluation["models"]
+    report = {
+        "models": models,
+        "num_eval_prompts": evaluation.get("num_prompts"),
+        "reward_model": reward_model_summary(workdir),
+        "curves": {s: curves(os.path.join(workdir, s)) for s in ("ppo", "ppo_ptx")},
+        "timings": _json(os.path.join(workdir, "timings.json")) or {},
+    }
+    if "sft" in models:
+        sft = models["sft"]
+        report["alignment_tax"] = {
+            m: {
+                "pretrain_loss_increase": models[m]["pretrain_loss"] - sft["pretrain_loss"],
+                "fewshot_heldout_change": models[m]["fewshot_heldout"]["mean"]
+                - sft["fewshot_heldout"]["mean"],
+            }
+            for m in models
+            if m != "base_fewshot"
+        }
+    return report
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, dict) and "mean" in v:
+        return f"{v['mean']:.{digits}f} [{v['low']:.2f}, {v['high']:.2f}]"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def headline(report: dict) -> str:
+    """The markdown table `instructrl pipeline` prints at the end."""
+    cols = ("win_rate_vs_sft", "likert", "gold_score", "rm_score", "kl_to_sft", "pretrain_loss")
+    lines = [
+        "| model | " + " | ".join(cols) + " | fewshot_heldout |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for name in MODELS:
+        m = report["models"].get(name)
+        if m is None:
+            continue
+        few = (m.get("fewshot_heldout") or {}).get("mean")
+        cells = [_fmt(m.get(c)) for c in cols] + [_fmt(few)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    out = ["# instructrl pipeline report", "", "## Headline (held-out prompts, held-out labelers)"]
+    out += ["", headline(report), ""]
+    out += ["## Attributes (figure 4 analog; labeler-judged rates)", ""]
+    names = [n for n in MODELS if n in report["models"]]
+    out.append("| attribute | " + " | ".join(names) + " |")
+    out.append("|---" * (len(names) + 1) + "|")
+    for a in ATTRIBUTES:
+        out.append(f"| {a} | " + " | ".join(_fmt(report["models"][n].get(a)) for n in names) + " |")
+    if "alignment_tax" in report:
+        out += ["", "## Alignment tax (table 14 analog; change from SFT)", ""]
+        fams = sorted(
+            k for k in (report["models"]["sft"].get("fewshot_heldout") or {}) if k != "mean"
+        )
+        out.append("| model | pretrain_loss | " + " | ".join(fams) + " | fewshot mean |")
+        out.append("|---" * (len(fams) + 3) + "|")
+        for n in names:
+            if n == "base_fewshot":
+                continue
+            few = report["models"][n]["fewshot_heldout"]
+            cells = [_fmt(report["models"][n]["pretrain_loss"])] + [_fmt(few[f]) for f in fams]
+            out.append(f"| {n} | " + " | ".join(cells + [_fmt(few["mean"])]) + " |")
+    rm = report.get("reward_model") or {}
+    if rm:
+        out += ["", "## Reward model (validation rankings)", ""]
+        for k in sorted(rm):
+            out.append(f"- {k}: {_fmt(rm[k]) if not isinstance(rm[k], dict) else rm[k]}")
+    if report.get("timings"):
+        out += ["", "## Seconds per stage", "", json.dumps(report["timings"])]
+    out += [
+        "",
+        "Plots: plots/reward_kl_curves.png, plots/win_rates.png, plots/attributes.png,",
+        "plots/alignment_tax.png",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def plots(report: dict, directory: str) -> list[str]:
+    """PNG figures; returns their paths (none when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install 'instructrl[plots]')")
+        return []
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    models = report["models"]
+    names = [n for n in MODELS if n in models]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for stage, c in report["curves"].items():
+        if c.get("step"):
+            axes[0].plot(c["step"], c["score"], label=stage)
+            axes[1].plot(c["step"], c["kl_to_ref"], label=stage)
+    axes[0].set(title="RM score of rollouts", xlabel="PPO iteration")
+    axes[1].set(title="KL to SFT (nats / response)", xlabel="PPO iteration")
+    for ax in axes:
+        ax.legend()
+    paths.append(_save(fig, directory, "reward_kl_curves.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    w = [models[n]["win_rate_vs_sft"] for n in names]
+    err = [[x["mean"] - x["low"] for x in w], [x["high"] - x["mean"] for x in w]]
+    ax.bar(names, [x["mean"] for x in w], yerr=err)
+    ax.axhline(0.5, color="gray", ls="--")
+    ax.set(title="Win rate against SFT (held-out labelers, 95% CI)", ylim=(0, 1))
+    paths.append(_save(fig, directory, "win_rates.png"))
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        vals = [models[n].get(a) or 0.0 for a in ATTRIBUTES]
+        ax.bar([j + i * width for j in range(len(ATTRIBUTES))], vals, width, label=n)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ATTRIBUTES))])
+    ax.set_xticklabels([a.replace("_", "\n") for a in ATTRIBUTES], fontsize=7)
+    ax.set(title="Attributes (labeler-judged rates)", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, directory, "attributes.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    tax = [n for n in names if n != "base_fewshot"]
+    axes[0].bar(tax, [models[n]["pretrain_loss"] for n in tax])
+    axes[0].set(title="Held-out pretraining loss (lower is better)")
+    axes[1].bar(tax, [models[n]["fewshot_heldout"]["mean"] for n in tax])
+    axes[1].set(title="Held-out few-shot tasks (higher is better)")
+    paths.append(_save(fig, directory, "alignment_tax.png"))
+    return paths
+
+
+def _save(fig, directory, name):
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write(workdir: str) -> dict:
+    report = build(workdir)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(markdown(report))
+    plots(report, os.path.join(workdir, "plots"))
+    return report
