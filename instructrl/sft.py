@@ -19,7 +19,9 @@ import numpy as np
 from flax import linen as nn
 
 from instructrl import checkpoint, evaluators, losses, sampling, sharding
+from instructrl.data import formats, sources
 from instructrl.data import lm as lm_data
+from instructrl.data import pipeline as data_pipeline
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
 from instructrl.presets import pad_vocab, preset
@@ -148,34 +150,52 @@ class Samples:
 
 
 def load_data(config, tokenizer):
-    """(train_arrays, eval_arrays, eval_prompts, skipped) for ``config.data``."""
+    """(train Examples, eval arrays, eval prompts, skipped counts) for ``config.data``.
+
+    data.kind "text": ``text_files``; contiguous windows, or with ``packing`` one document per
+    segment. "demonstrations": ``path`` in any demonstration ``format`` of data.sources,
+    rendered by ``template`` or ``chat_format`` (data.formats). Skipped records are counted
+    by reason ({"invalid", "too_long"}) when ``skip_invalid`` / ``skip_too_long`` allow it.
+    """
     data = config.data
     seq_len = int(data.seq_len)
+    skipped = {"invalid": 0, "too_long": 0}
     if data.kind == "text":
-        arrays = lm_data.text_arrays(tokenizer, lm_data.read_text_files(data.text_files), seq_len)
-        skipped, prompts = 0, list(data.get("eval_prompts", []))
+        docs = sources.read_text(list(data.text_files))
+        if data.get("packing", False):
+            examples = data_pipeline.text_examples(tokenizer, docs, seq_len)
+        else:
+            rows = lm_data.text_arrays(tokenizer, docs, seq_len)
+            examples = data_pipeline.Examples(
+                [{k: rows[k][i] for k in data_pipeline.KEYS} for i in range(len(rows["inputs"]))]
+            )
+        prompts = list(data.get("eval_prompts", []))
     elif data.kind == "demonstrations":
-        examples, invalid = lm_data.load_demonstrations(
-            data.path, skip_invalid=bool(data.get("skip_invalid", False))
+        demos, skipped["invalid"] = sources.read_demonstrations(
+            data.path,
+            format=data.get("format", "auto"),
+            skip_invalid=bool(data.get("skip_invalid", False)),
         )
         if data.get("max_examples"):
-            examples = examples[: int(data.max_examples)]
-        arrays, skipped = lm_data.demonstration_arrays(
+            demos = demos[: int(data.max_examples)]
+        examples, skipped["too_long"] = data_pipeline.encode_demonstrations(
             tokenizer,
-            examples,
+            formats.make_format(data),
+            demos,
             seq_len,
-            template=data.get("template", "{prompt}\n\n"),
             skip_too_long=bool(data.get("skip_too_long", False)),
             source=data.path,
         )
-        skipped += invalid
         prompts = list(data.get("eval_prompts", [])) or [
-            ex["prompt"] for ex in examples[: int(data.get("num_eval_prompts", 4))]
+            d["prompt"] for d in demos[: int(data.get("num_eval_prompts", 4))]
         ]
     else:
         raise ValueError(f"data.kind must be 'text' or 'demonstrations', got {data.kind!r}")
-    train, held_out = lm_data.split(arrays, int(data.eval_examples), int(config.seed))
-    return train, held_out, prompts, skipped
+    train, held_out = data_pipeline.split(
+        range(len(examples)), int(data.eval_examples), int(config.seed)
+    )
+    eval_arrays = data_pipeline.padded_arrays(examples.subset(held_out), seq_len, tokenizer.pad_id)
+    return examples.subset(train), eval_arrays, prompts, skipped
 
 
 def run(config, workdir: str) -> TrainState:
@@ -187,10 +207,19 @@ def run(config, workdir: str) -> TrainState:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("logical_rules"))
 
-    train_arrays, eval_arrays, eval_prompts, skipped = load_data(config, tokenizer)
+    train_examples, eval_arrays, eval_prompts, skipped = load_data(config, tokenizer)
     batch_size = int(config.train.batch_size)
-    batcher = lm_data.EpochBatcher(
-        train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
+    # Batches are a pure function of (seed, step): the checkpointed step is the iterator state.
+    batcher = data_pipeline.PrefetchedBatcher(
+        data_pipeline.LMPipeline(
+            train_examples,
+            batch_size,
+            int(config.data.seq_len),
+            int(config.seed),
+            packing=bool(config.data.get("packing", False)),
+            length_buckets=list(config.data.get("length_buckets", [])),
+            pad_id=tokenizer.pad_id,
+        )
     )
     total_steps = int(config.train.get("steps") or 0) or int(
         round(float(config.train.epochs) * batcher.steps_per_epoch)
