@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from instructrl.world import lexicon
+from instructrl.world import text as text_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,9 @@ class KnowledgeBase:
         return templates[variant % len(templates)].format(s=fact.subject, o=fact.value)
 
     # ---- claims ----------------------------------------------------------------------------
-    def _compile_patterns(self) -> list[tuple[str, re.Pattern]]:
+    def _compile_patterns(self) -> list[tuple[str, re.Pattern, str]]:
+        """(relation, pattern, the template's longest literal piece, lowercased): a text without
+        that piece cannot match, which skips most patterns cheaply."""
         groups = {"person": self.people, "place": self.places, "object": self.objects}
         alternation = {
             k: "|".join(re.escape(n) for n in sorted(v, key=len, reverse=True))
@@ -184,7 +187,10 @@ class KnowledgeBase:
                 body = re.escape(template.rstrip("."))
                 body = body.replace(re.escape("{s}"), f"(?P<s>{alternation[subject_kind]})")
                 body = body.replace(re.escape("{o}"), f"(?P<o>{value_re}|{_OTHER_WORD})")
-                patterns.append((relation, re.compile(r"\b" + body + r"\b", re.IGNORECASE)))
+                pieces = re.split(r"\{[so]\}", template.rstrip("."))
+                literal = max(pieces, key=len).lower()
+                pattern = re.compile(r"\b" + body + r"\b", re.IGNORECASE)
+                patterns.append((relation, pattern, literal))
         return patterns
 
     def canonical(self, name: str) -> str:
@@ -193,8 +199,10 @@ class KnowledgeBase:
 
     def extract_claims(self, text: str) -> list[Fact]:
         """Every fact stated in ``text`` in one of the world's sentence patterns."""
-        claims = []
-        for relation, pattern in self._claim_patterns:
+        claims, lowered = [], text.lower()
+        for relation, pattern, literal in self._claim_patterns:
+            if literal not in lowered:
+                continue
             for m in pattern.finditer(text):
                 claims.append(Fact(self.canonical(m["s"]), relation, self.canonical(m["o"])))
         return list(dict.fromkeys(claims))
@@ -208,7 +216,7 @@ class KnowledgeBase:
     def mentioned_entities(self, text: str) -> list[str]:
         """Entity names that occur in ``text`` (whole words, case-insensitive)."""
         lowered = text.lower()
-        return [n for n in self.kind if re.search(r"\b" + re.escape(n.lower()) + r"\b", lowered)]
+        return [n for n in self.kind if text_lib.word_pattern(n).search(lowered)]
 
     def to_dict(self) -> dict:
         """JSON-serializable form (friend tuples become lists)."""

@@ -4,6 +4,7 @@ the explicit constraints a prompt can carry ("in at most five words"), toxicity 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 
 from instructrl.world import lexicon
@@ -55,13 +56,22 @@ def token_f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+@functools.lru_cache(maxsize=4096)
+def word_pattern(word: str) -> re.Pattern:
+    """``word`` (lowercased) as a whole-word regex; cached: the rubric asks millions of times."""
+    return re.compile(r"\b" + re.escape(word.lower()) + r"\b")
+
+
 def contains_word(text: str, word: str) -> bool:
-    return re.search(r"\b" + re.escape(word.lower()) + r"\b", text.lower()) is not None
+    return word_pattern(word).search(text.lower()) is not None
+
+
+_TOXIC = re.compile(r"\b(?:" + "|".join(re.escape(w.lower()) for w in lexicon.TOXIC_WORDS) + r")\b")
 
 
 def is_toxic(text: str) -> bool:
     """True when any marker word of ``lexicon.TOXIC_WORDS`` occurs."""
-    return any(contains_word(text, w) for w in lexicon.TOXIC_WORDS)
+    return _TOXIC.search(text.lower()) is not None
 
 
 def stops(text: str, max_words: int) -> bool:
