@@ -1,22 +1,35 @@
 """Fast autoregressive sampling with a KV cache: prefill, then decode in ``lax.while_loop``.
 
-Left-padded prompts (B, P) of mixed length are prefilled in one pass into cache slots [0, P);
-new token i goes to slot P + i, with position id (real prompt length + i), so each row is
-computed exactly as if it had no padding. The cache is a loop carry, so XLA updates it in
-place; rows stop at EOS and the loop exits once every row has stopped. Sampling applies
-temperature, top-k and top-p (``sampling.filter_logits``). Under a mesh, the batch is split over
-(data, fsdp) and heads over tensor through the model's logical axis names.
+Left-padded prompts (B, P) of mixed length are prefilled in one pass into cache slots
+[0, P - 1); decode step i feeds one token (the last prompt token, then each sampled token) at
+slot P - 1 + i with position id (real prompt length - 1 + i), so each row is computed exactly
+as if it had no padding. The prefill's own logits are never used, so XLA drops its (B, P, V)
+vocabulary projection. Rows stop at EOS and the loop exits once every row has stopped.
+Sampling applies temperature, top-k and top-p (``sampling.filter_logits``). Under a mesh, the
+batch is split over (data, fsdp) and heads over tensor through the model's logical axis names.
+
+Why the decode runs over unrolled layers: with ``nn.scan`` the per-layer caches are the scan's
+xs and its stacked ys, two different buffers, so every decode step copies the whole cache
+(measured: one full cache copy per step in the compiled loop). Decoding is memory-bound and the
+cache is the largest thing it reads at large batch, so the sampler slices scanned params into
+per-layer params once per call (a transient copy of the params) and decodes with one cache
+buffer per layer, each a ``lax.while_loop`` carry that ``dynamic_update_slice`` updates in
+place. Nothing needs donating: the cache is created inside the jitted call.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from instructrl.model import Transformer, init_cache
+from instructrl.model import Transformer, init_cache, unstack_layers
 from instructrl.sampling import filter_logits
+
+CACHE_AXES = ("act_batch", "act_len", "act_kv_heads", "act_kv")
 
 
 @flax.struct.dataclass
@@ -40,19 +53,27 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     rules=(),
+    unroll_layers: bool = True,
 ) -> Samples:
     """Sample up to ``max_new_tokens`` per row. Jit-compatible (all options static).
 
-    model: a ``Transformer`` with the LM head; prompt_tokens, prompt_mask: (B, P) left-padded.
-    temperature 0 is greedy decoding.
+    model: a ``Transformer`` with the LM head; params: its params (scanned or not);
+    prompt_tokens, prompt_mask: (B, P) left-padded; rng: a key (token i uses fold_in(rng, i)).
+    temperature 0 is greedy decoding. ``unroll_layers=False`` keeps a scanned model's layer
+    scan (faster compiles for very deep models, one cache copy per step).
+    Returns Samples(tokens, logprobs, mask), each (B, max_new_tokens).
     """
     cfg = model.cfg
+    if cfg.scan_layers and unroll_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+        model = Transformer(cfg, head=model.head)
+        params = unstack_layers(params, cfg.num_layers)
     batch, prompt_len = prompt_tokens.shape
-    slots = prompt_len + max_new_tokens
+    slots = prompt_len + max_new_tokens - 1
     prompt_mask = prompt_mask.astype(jnp.int32)
-    kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, max_new_tokens), jnp.int32)], 1)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    next_position = prompt_mask.sum(axis=1)  # (B,)
+    kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens - 1)))  # (B, S)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # (B, P)
+    first_position = positions[:, -1]  # (B,) position of the last prompt token
 
     def apply(tokens, positions, kv_mask, cache, index):
         with nn.logical_axis_rules(rules):
@@ -65,6 +86,11 @@ def generate(
                 cache_index=index,
             )
 
+    def constrain(cache):
+        with nn.logical_axis_rules(rules):
+            axes = CACHE_AXES if not cfg.scan_layers else ("layers", *CACHE_AXES)
+            return jax.tree.map(lambda x: nn.with_logical_constraint(x, axes), cache)
+
     def pick(logits, key):
         """logits (B, V) -> (token (B,), its log-prob under the sampling distribution)."""
         if temperature == 0.0:
@@ -76,35 +102,42 @@ def generate(
         logp = jnp.take_along_axis(jax.nn.log_softmax(filtered), token[:, None], axis=-1)[:, 0]
         return token.astype(jnp.int32), logp
 
-    cache = init_cache(cfg, batch, slots)
-    logits, cache = apply(prompt_tokens, positions, kv_mask, cache, 0)  # prefill
-    token, logp = pick(logits[:, -1], jax.random.fold_in(rng, 0))
-    out_tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-    out_logp = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logp)
-    out_mask = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(1)
-    done = token == eos_id
+    cache = constrain(init_cache(cfg, batch, slots))
+    if prompt_len > 1:  # prefill all but the last prompt token; its logits are dead code
+        _, cache = apply(prompt_tokens[:, :-1], positions[:, :-1], kv_mask, cache, 0)
+        cache = constrain(cache)
 
     def cond(carry):
-        i, _, _, _, _, _, done = carry
+        i, _, _, _, _, done = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, token, cache, kv_mask, out, logps, done = carry
-        out_tokens, out_mask = out
-        slot = prompt_len + i - 1  # where the previous token goes
+        i, token, cache, kv_mask, out, done = carry
+        out_tokens, out_logps, out_mask = out
+        slot = prompt_len - 1 + i  # where ``token`` goes
         kv_mask = jax.lax.dynamic_update_index_in_dim(
             kv_mask, jnp.ones((batch,), jnp.int32), slot, axis=1
         )
-        pos = (next_position + i - 1)[:, None]
+        pos = (first_position + i)[:, None]  # (B, 1)
         logits, cache = apply(token[:, None], pos, kv_mask, cache, slot)
         new, logp = pick(logits[:, 0], jax.random.fold_in(rng, i))
         new = jnp.where(done, pad_id, new)
         out_tokens = jax.lax.dynamic_update_index_in_dim(out_tokens, new, i, axis=1)
-        out_mask = jax.lax.dynamic_update_index_in_dim(out_mask, (~done).astype(jnp.int32), i, 1)
-        logps = jax.lax.dynamic_update_index_in_dim(logps, jnp.where(done, 0.0, logp), i, 1)
+        out_logps = jax.lax.dynamic_update_index_in_dim(
+            out_logps, jnp.where(done, 0.0, logp), i, axis=1
+        )
+        out_mask = jax.lax.dynamic_update_index_in_dim(
+            out_mask, (~done).astype(jnp.int32), i, axis=1
+        )
         done = done | (new == eos_id)
-        return i + 1, new, cache, kv_mask, (out_tokens, out_mask), logps, done
+        return i + 1, new, constrain(cache), kv_mask, (out_tokens, out_logps, out_mask), done
 
-    carry = (jnp.int32(1), token, cache, kv_mask, (out_tokens, out_mask), out_logp, done)
-    _, _, _, _, (out_tokens, out_mask), out_logp, _ = jax.lax.while_loop(cond, body, carry)
-    return Samples(tokens=out_tokens, logprobs=out_logp, mask=out_mask)
+    out = (
+        jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((batch, max_new_tokens), jnp.float32),
+        jnp.zeros((batch, max_new_tokens), jnp.int32),
+    )
+    done = jnp.zeros((batch,), bool)
+    carry = (jnp.int32(0), prompt_tokens[:, -1].astype(jnp.int32), cache, kv_mask, out, done)
+    _, _, _, _, (tokens, logprobs, mask), _ = jax.lax.while_loop(cond, body, carry)
+    return Samples(tokens=tokens, logprobs=logprobs, mask=mask)
