@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
@@ -376,6 +377,7 @@ def export_hf(
     model.safetensors, and tokenizer files copied from ``tokenizer_dir``. Tensors are fetched
     from the devices one at a time. ``ids``: bos_token_id / eos_token_id / pad_token_id."""
     os.makedirs(directory, exist_ok=True)
+    params = nn.unbox(params)  # fresh Flax params may still carry their logical-axis boxes
     flat = traverse_util.flatten_dict(params)
     scanned = any(path[0] == "layers" for path in flat)
     score_bias = 0.0
@@ -410,7 +412,7 @@ def export_hf(
     save_file(os.path.join(directory, "model.safetensors"), tensors)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(cfg, head, score_bias, **ids), f, indent=2)
-    if tokenizer_dir:
+    if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(directory):
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(tokenizer_dir, name)):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
