@@ -39,8 +39,9 @@ def get_config(arg=None):
         target_kl=0.0,  # > 0: adaptive controller (Ziegler et al. 2019)
         kl_horizon=10000.0,
         whiten_advantages=True,
-        score_clip=0.0,
-        no_eos_penalty=ml_collections.config_dict.placeholder(float),
+        whiten_rewards=False,  # scale the per-token rewards by their batch std
+        score_clip=0.0,  # > 0: clip RM scores to [-score_clip, score_clip]
+        no_eos_penalty=ml_collections.config_dict.placeholder(float),  # score without EOS
         ema_decay=0.992,
         max_new_tokens=64,
         temperature=1.0,
@@ -49,11 +50,13 @@ def get_config(arg=None):
     )
     c.ptx = dict(
         coef=27.8 if args.get("ptx") else 0.0,
-        multiplier=8,
+        multiplier=8,  # pretraining rows per RL episode (paper: 8)
         seq_len=128,
+        eval_rows=64,  # held out of PPO-ptx updates; the ppo_pretrain evaluator reads them
         text_files=[config_lib.asset("tinystories-excerpt.txt")],
     )
-    # Paper: constant lr after 10 warm-up iterations from 1/10 of the peak.
+    # Paper: constant lr after 10 warm-up iterations from 1/10 of the peak. Optimizer steps are
+    # minibatch updates, so warmup_steps = 10 * epochs * num_minibatches.
     c.optimizer.update(
         dict(
             lr=1e-4,
@@ -69,10 +72,19 @@ def get_config(arg=None):
     c.train.log_every = 1
     c.checkpoint.every_steps = 10
     c.evals.policy = dict(type="ppo_eval", every_steps=10, use_ema=True)
+    c.evals.pretrain = dict(type="ppo_pretrain", every_steps=10, use_ema=True)
     if args.get("paper"):
+        c.ppo.iterations = 256_000 // 512  # 256k episodes
         c.ppo.batch_size = 512
         c.ppo.num_minibatches = 8
+        c.ppo.epochs = 1
+        c.ppo.clip_eps = 0.2
+        c.ppo.kl_coef = 0.02
+        c.ppo.gamma = 1.0
+        c.ppo.temperature = 1.0
+        c.ppo.ema_decay = 0.992
         c.ppo.max_new_tokens = 256
+        c.ptx.multiplier = 8
         c.optimizer.lr = 9.65e-6
         c.optimizer.warmup_steps = 10 * 8
         c.value_optimizer.lr = 9e-6
@@ -85,7 +97,9 @@ def get_config(arg=None):
         c.ppo.max_new_tokens = 24
         c.ptx.multiplier = 2
         c.ptx.seq_len = 64
+        c.ptx.eval_rows = 16
         c.data.eval_prompts = 8
         c.checkpoint.every_steps = 3
         c.evals.policy.every_steps = 3
+        c.evals.pretrain.every_steps = 3
     return c.lock()

@@ -132,13 +132,16 @@ def score_phase(models, cfg, state, ref_params, rm_params, prompt_tokens, prompt
 
 
 def advantage_phase(cfg, rollout: Rollout, kl_coef) -> Rollout:
-    """Phase 3: KL-penalized rewards, GAE, advantage whitening."""
+    """Phase 3: KL-penalized rewards (optionally clipped scores, whitened rewards), GAE,
+    advantage whitening."""
     scores = rollout.scores
     if cfg["score_clip"]:
         scores = jnp.clip(scores, -cfg["score_clip"], cfg["score_clip"])
     rewards = losses.kl_penalized_rewards(
         scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask, kl_coef
     )
+    if cfg["whiten_rewards"]:  # scale only: the sign of a reward carries meaning
+        rewards = losses.whiten(rewards, rollout.mask, shift_mean=False)
     advantages, returns = losses.gae(
         rewards, rollout.values, rollout.mask, cfg["gamma"], cfg["lam"]
     )
@@ -261,6 +264,7 @@ def _ppo_cfg(config, tokenizer) -> dict:
         "gamma": float(p.gamma),
         "lam": float(p.lam),
         "whiten_advantages": bool(p.whiten_advantages),
+        "whiten_rewards": bool(p.get("whiten_rewards", False)),
         "num_minibatches": int(p.num_minibatches),
         "epochs": int(p.epochs),
         "clip_eps": float(p.clip_eps),
@@ -291,6 +295,7 @@ def make_iteration(models: Models, cfg: dict, tx, value_tx, config, mesh):
     )
     score = jax.jit(functools.partial(score_phase, models, cfg))
     advantages = jax.jit(functools.partial(advantage_phase, cfg))
+    summarize = jax.jit(functools.partial(rollout_metrics, eos_id=cfg["eos_id"]))
     update = jax.jit(
         functools.partial(update_phase, models, cfg, tx, value_tx), donate_argnums=(0,)
     )
@@ -322,7 +327,7 @@ def make_iteration(models: Models, cfg: dict, tx, value_tx, config, mesh):
             jax.block_until_ready(rollout)
             times["time/score_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            stats = rollout_metrics(rollout, cfg["eos_id"])
+            stats = summarize(rollout)
             ptx = batch.get("ptx")
             state, update_metrics = update(state, rollout, ptx, jax.random.fold_in(rng, 1))
             if target_kl > 0:
@@ -397,6 +402,60 @@ class PolicyEval:
         return out
 
 
+@evaluators.register("ppo_pretrain")
+class PretrainEval:
+    """The alignment tax in miniature: mean NLL of held-out pretraining text (``ptx.eval_rows``
+    rows of ``ptx.text_files``, never used by PPO-ptx updates) under the policy (its EMA with
+    ``use_ema``) and under the frozen SFT reference. PPO-ptx should regress less than PPO."""
+
+    def __init__(self, context, use_ema: bool = True, prefix: str = "eval", batch_size: int = 64):
+        rows = context.get("ptx_heldout")
+        if rows is None or len(rows["inputs"]) == 0:
+            raise ValueError("evaluator ppo_pretrain needs ptx.eval_rows > 0 and ptx.text_files")
+        self.ctx, self.use_ema, self.prefix = context, use_ema, prefix
+        n = len(rows["inputs"])
+        batch_size = min(batch_size, n)
+        pad = -n % batch_size  # padded rows carry no loss weight
+        self.chunks = [
+            {k: np.pad(v, ((0, pad), (0, 0)))[i : i + batch_size] for k, v in rows.items()}
+            for i in range(0, n + pad, batch_size)
+        ]
+        models = context["models"]
+
+        def nll_sum(params, rows):
+            with nn.logical_axis_rules(models.rules):
+                logits = models.policy.apply({"params": params}, rows["inputs"])  # (B, T, V)
+            loss, count = losses.masked_nll(logits, rows["targets"], rows["loss_mask"])
+            return loss * count, count
+
+        self._nll_sum = jax.jit(nll_sum)
+        self._sft_loss = None
+
+    def _loss(self, params) -> float:
+        sums = [self._nll_sum(params, chunk) for chunk in self.chunks]
+        total, count = (float(sum(np.asarray(x[i]) for x in sums)) for i in (0, 1))
+        return total / max(count, 1.0)
+
+    def run(self, state):
+        if self._sft_loss is None:
+            self._sft_loss = self._loss(self.ctx["frozen"]["ref"])
+        params = state.ema_params if self.use_ema else state.params
+        return {
+            f"{self.prefix}/pretrain_loss": self._loss(params),
+            f"{self.prefix}/pretrain_loss_sft": self._sft_loss,
+        }
+
+
+def ptx_rows(config, tokenizer) -> tuple[dict, dict]:
+    """(train, held-out) rows {inputs, targets, loss_mask} (R, T) of the pretraining text.
+
+    ``ptx.eval_rows`` rows are held out of PPO-ptx updates for the ``ppo_pretrain`` evaluator.
+    """
+    docs = lm_data.read_text_files(list(config.ptx.text_files))
+    arrays = lm_data.text_arrays(tokenizer, docs, int(config.ptx.seq_len))
+    return lm_data.split(arrays, int(config.ptx.get("eval_rows", 0)), int(config.seed) + 2)
+
+
 def _read_prompt_records(path: str) -> list[dict]:
     from instructrl.data import sources
 
@@ -457,18 +516,21 @@ def run(config, workdir: str) -> PPOState:
         int(config.seed),
         sharding.host_batch_slice(batch_size),
     )
-    ptx_batcher = None
+    ptx_batcher, ptx_heldout = None, None
+    eval_types = {e.get("type") for e in (config.get("evals") or {}).values()}
+    if float(config.ptx.coef) > 0 or "ppo_pretrain" in eval_types:
+        ptx_train, ptx_heldout = ptx_rows(config, tokenizer)
     if float(config.ptx.coef) > 0:
-        docs = lm_data.read_text_files(list(config.ptx.text_files))
-        ptx_arrays = lm_data.text_arrays(tokenizer, docs, int(config.ptx.seq_len))
         ptx_batch = batch_size * int(config.ptx.multiplier)
         ptx_batcher = lm_data.EpochBatcher(
-            ptx_arrays, ptx_batch, int(config.seed) + 1, sharding.host_batch_slice(ptx_batch)
+            ptx_train, ptx_batch, int(config.seed) + 1, sharding.host_batch_slice(ptx_batch)
         )
 
     total = int(config.ppo.iterations)
-    tx, _ = make_optimizer(_opt(config.optimizer, total))
-    value_tx, _ = make_optimizer(_opt(config.value_optimizer, total))
+    # Optimizer steps: one per minibatch; warmup_steps counts them too (paper: 10 iterations).
+    updates = total * int(config.ppo.epochs) * int(config.ppo.num_minibatches)
+    tx, _ = make_optimizer(_opt(config.optimizer, updates))
+    value_tx, _ = make_optimizer(_opt(config.value_optimizer, updates))
 
     def init(rng):
         example = jnp.zeros((1, 8), jnp.int32)
@@ -534,6 +596,7 @@ def run(config, workdir: str) -> PPOState:
         "eval_prompts": (jnp.asarray(eval_tokens), jnp.asarray(eval_mask)),
         "gold_scorer": world_gold_scorer(config, eval_records),
         "eval_texts": [r["prompt"] for r in eval_records],
+        "ptx_heldout": ptx_heldout,
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "run_info.json"), "w") as f:

@@ -2,7 +2,10 @@
 
 The SFT policy writes random a/b strings; the reward model learns the rankings (by the
 fraction of 'a'); PPO must raise the RM score, and the fraction of 'a' itself (the gold
-score here), with a bounded KL; with a huge kl_coef the policy must stay at SFT.
+score here), with a bounded KL; with a huge kl_coef the policy must stay at SFT. The
+pretraining text is SFT-like documents with half 'a', which a policy pushed toward 'a' predicts
+worse: PPO-ptx must regress less on held-out rows of it than plain PPO (the alignment tax,
+table 14).
 """
 
 import json
@@ -18,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 PROMPTS = ["write:", "go:", "letters:", "ab:"]
+PTX_DOC_LEN = len("ab:\n\n") + 12 + 1  # bytes and EOS
 
 
 def _string(rng, frac_a, n=12):
@@ -36,8 +40,16 @@ def toy(tmp_path_factory):
     (root / "demos.jsonl").write_text("\n".join(json.dumps(d) for d in demos))
     prompts = [{"prompt": p} for p in PROMPTS * 20]
     (root / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in prompts))
-    ptx_text = root / "text.txt"
-    ptx_text.write_text(" ".join(_string(rng, 0.5) for _ in range(400)))
+    # Pretraining text: documents in the SFT format (one per file, so EOS-separated), each
+    # PTX_DOC_LEN tokens long so that every pretraining row starts at a document, as SFT rows do.
+    ptx_dir = root / "ptx"
+    ptx_dir.mkdir()
+    ptx_rng = np.random.default_rng(1)
+    ptx_files = []
+    for i in range(200):
+        path = ptx_dir / f"{i:03d}.txt"
+        path.write_text(f"ab:\n\n{_string(ptx_rng, 0.5)}")
+        ptx_files.append(str(path))
 
     c = sft_config.get_config(f"runlocal,data={root}/demos.jsonl").unlock()
     c.train.steps, c.train.progress, c.data.seq_len = 60, False, 32
@@ -60,21 +72,32 @@ def toy(tmp_path_factory):
     acc = [json.loads(x) for x in open(root / "rm" / "metrics.jsonl")]
     assert [r["eval/accuracy"] for r in acc if "eval/accuracy" in r][-1] > 0.8
 
-    def config(**ppo_overrides):
+    def config(ptx_coef=0.0, **ppo_overrides):
         c = ppo_config.get_config("runlocal").unlock()
         c.init_from, c.ppo.reward_model = str(root / "sft"), str(root / "rm")
         c.data.path, c.data.max_prompt_len, c.data.eval_prompts = str(root / "prompts.jsonl"), 12, 8
         c.train.progress = False
         c.ppo.iterations, c.ppo.max_new_tokens, c.ppo.batch_size = 12, 16, 16
         c.optimizer.lr, c.optimizer.warmup_steps = 3e-4, 0
-        c.ptx.text_files, c.ptx.seq_len = [str(ptx_text)], 32
+        c.ptx.text_files, c.ptx.seq_len, c.ptx.eval_rows = ptx_files, PTX_DOC_LEN, 32
+        c.ptx.coef = ptx_coef
         c.evals.policy.every_steps = 6
         c.evals.policy.use_ema = False  # 24 updates barely move an EMA of 0.992
+        c.evals.pretrain.every_steps = 12
+        c.evals.pretrain.use_ema = False
         for k, v in ppo_overrides.items():
             c.ppo[k] = v
         return c
 
     return root, config
+
+
+@pytest.fixture(scope="module")
+def plain_ppo(toy):
+    root, config = toy
+    workdir = str(root / "ppo")
+    ppo.run(config(), workdir)
+    return workdir
 
 
 def _rows(workdir):
@@ -90,18 +113,28 @@ def _frac_a(workdir):
     return {step: float(np.mean(v)) for step, v in out.items()}
 
 
-def test_ppo_raises_reward_with_bounded_kl(toy):
-    root, config = toy
-    workdir = str(root / "ppo")
-    ppo.run(config(), workdir)
+def test_ppo_raises_reward_with_bounded_kl(plain_ppo):
+    workdir = plain_ppo
     rows = [r for r in _rows(workdir) if "ppo/score" in r]
-    first, last = np.mean([r["ppo/score"] for r in rows[:2]]), np.mean(
-        [r["ppo/score"] for r in rows[-2:]]
+    first, last = (
+        np.mean([r["ppo/score"] for r in rows[:2]]),
+        np.mean([r["ppo/score"] for r in rows[-2:]]),
     )
     assert last > first + 0.3, (first, last)
     assert 0 < rows[-1]["ppo/kl_to_ref"] < 10.0
-    for key in ("ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss",
-                "ppo/explained_variance", "ppo/eos_rate", "ppo/time/generate_s"):
+    for key in (
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/entropy",
+        "ppo/value_loss",
+        "ppo/explained_variance",
+        "ppo/eos_rate",
+        "ppo/total_reward",
+        "ppo/response_length",
+        "ppo/time/generate_s",
+        "ppo/time/score_s",
+        "ppo/time/update_s",
+    ):
         assert key in rows[-1]
     assert os.path.isdir(os.path.join(workdir, "export"))
     # The gold criterion itself improved (SFT writes about half 'a').
@@ -118,3 +151,66 @@ def test_huge_kl_coef_keeps_policy_at_sft(toy):
     assert abs(rows[-1]["ppo/kl_to_ref"]) < 0.5
     scores = [r["ppo/score"] for r in rows]
     assert abs(np.mean(scores[-2:]) - np.mean(scores[:2])) < 0.3
+
+
+def _pretrain_losses(workdir):
+    return [r for r in _rows(workdir) if "eval/pretrain_loss" in r][-1]
+
+
+def test_ptx_regresses_less_than_ppo_on_pretraining_text(toy, plain_ppo):
+    root, config = toy
+    workdir = str(root / "ppo_ptx")
+    ppo.run(config(ptx_coef=1.0), workdir)
+    ppo_tax, ptx_tax = _pretrain_losses(plain_ppo), _pretrain_losses(workdir)
+    sft = ppo_tax["eval/pretrain_loss_sft"]
+    assert sft == pytest.approx(ptx_tax["eval/pretrain_loss_sft"])
+    regression_ppo = ppo_tax["eval/pretrain_loss"] - sft
+    regression_ptx = ptx_tax["eval/pretrain_loss"] - sft
+    print("pretraining-loss regression: ppo", regression_ppo, "ppo-ptx", regression_ptx)
+    assert regression_ppo > 0.02, ppo_tax  # plain PPO pays an alignment tax here
+    assert regression_ptx < regression_ppo - 0.02
+    rows = [r for r in _rows(workdir) if "ppo/ptx_loss" in r]
+    assert rows and np.isfinite(rows[-1]["ppo/ptx_loss"])
+    scores = [r["ppo/score"] for r in rows]
+    print("ppo-ptx scores", [round(x, 3) for x in scores])
+
+
+def test_adaptive_kl_controller():
+    """Ziegler et al. (2019): beta grows when KL is above target, shrinks below, by at most
+    20% x n / horizon per update."""
+    assert float(ppo.adaptive_kl(0.1, 12.0, 64, 6.0, 640.0)) == pytest.approx(0.1 * 1.02)
+    assert float(ppo.adaptive_kl(0.1, 5.4, 64, 6.0, 640.0)) == pytest.approx(0.1 * 0.99)
+    assert float(ppo.adaptive_kl(0.1, 0.0, 64, 6.0, 640.0)) == pytest.approx(0.1 * 0.98)
+
+
+def test_paper_preset_matches_appendix_c4():
+    import ppo as ppo_config
+
+    from instructrl import ppo as ppo_lib
+    from instructrl.optim import learning_rate_schedule
+
+    c = ppo_config.get_config("paper,ptx")
+    p = c.ppo
+    assert (p.batch_size, p.batch_size // p.num_minibatches, p.epochs) == (512, 64, 1)
+    assert (p.kl_coef, p.clip_eps, p.gamma, p.ema_decay, p.temperature) == (
+        0.02,
+        0.2,
+        1.0,
+        0.992,
+        1.0,
+    )
+    assert p.iterations * p.batch_size == 256_000
+    assert (c.ptx.coef, c.ptx.multiplier) == (27.8, 8)
+    assert c.value_optimizer.lr == 9e-6
+    updates_per_iteration = p.epochs * p.num_minibatches
+    for opt in (c.optimizer, c.value_optimizer):
+        # Constant after 10 warm-up iterations that start from 1/10 of the peak.
+        opt = ppo_lib._opt(opt, p.iterations * updates_per_iteration)
+        lr = learning_rate_schedule(opt)
+        warmup = 10 * updates_per_iteration
+        assert opt.warmup_steps == warmup
+        assert float(lr(0)) == pytest.approx(0.1 * opt.lr)
+        assert float(lr(warmup // 2)) < opt.lr
+        for step in (warmup, 2 * warmup, p.iterations * updates_per_iteration - 1):
+            assert float(lr(step)) == pytest.approx(opt.lr)
+    assert ppo_config.get_config("paper").ptx.coef == 0.0  # plain "PPO" is gamma = 0
