@@ -18,6 +18,7 @@ def get_config(arg=None):
         if "text" in args
         else [config_lib.asset("tinystories-excerpt.txt")],
         seq_len=128,
+        packing=False,  # True: one document per segment instead of contiguous windows
         eval_examples=16,
         eval_prompts=["Once upon a time", "Lily and Tom"],
     )

@@ -21,7 +21,11 @@ def get_config(arg=None):
     c.data = dict(
         kind="demonstrations",
         path=str(args.get("data", config_lib.asset("alpaca-excerpt.json"))),
+        format="auto",  # data.sources: prompt_response, alpaca, self_instruct, oasst
         template="{prompt}\n\n",
+        chat_format="",  # data.formats.CHAT_PRESETS name (chatml, hh, ...); "" = template
+        packing=False,  # several demonstrations per row, with segment ids
+        length_buckets=[],  # pad unpacked batches to the smallest bucket that fits
         seq_len=128,
         eval_examples=32,
         num_eval_prompts=4,
