@@ -20,7 +20,7 @@ def get_config(arg=None):
         path=str(args.get("data", "")),
         format="auto",
         eval_paths=[],
-        heldout_labelers=[],
+        heldout_labelers=[],  # empty: eval labelers absent from the training rankings
         template="{prompt}\n\n",
         seq_len=128,
         eval_examples=64,
@@ -42,8 +42,16 @@ def get_config(arg=None):
     c.evals.heldout = dict(type="rm_accuracy", every_steps=0, batch_size=16)
     c.checkpoint.select_by = ""
     if args.get("paper"):
-        c.optimizer.lr = 9e-6
+        # Appendix C.2: a 6B RM from the SFT model, one epoch, lr 9e-6, cosine to 10% of peak,
+        # no warmup, batch 64 prompts (each with all its C(K,2) comparisons).
+        c.model.preset = args.get("model", "gpt3-6.7b")
         c.model.dtype = "bfloat16"
+        c.model.max_len = 2048
+        c.data.seq_len = 2048
+        c.optimizer.lr = 9e-6
+        c.tokenizer = dict(
+            kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token=""
+        )
     if args.get("runlocal"):
         c.train.batch_size = 16
         c.checkpoint.every_steps = 20

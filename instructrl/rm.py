@@ -210,8 +210,46 @@ class RankingAccuracy:
         for name, g in GROUPS.items():
             if (group == g).any():
                 out[f"{p}/accuracy_{name}_labelers"] = correct[group == g].mean()
+                out[f"{p}/log_loss_{name}_labelers"] = logloss[group == g].mean()
                 out[f"{p}/num_pairs_{name}_labelers"] = float((group == g).sum())
         return out
+
+
+def unseen_labelers(train_rankings: Sequence[dict], eval_rankings: Sequence[dict]) -> list[str]:
+    """Labeler ids of ``eval_rankings`` that never ranked a training prompt: the held-out
+    labelers of paper section 4.1. Empty unless every training ranking carries a labeler id."""
+    train_ids = [r.get("labeler_id") for r in train_rankings]
+    if not train_ids or None in train_ids:
+        return []
+    seen = set(train_ids)
+    return sorted({r["labeler_id"] for r in eval_rankings if r.get("labeler_id")} - seen)
+
+
+def evaluate_rankings(
+    config, params, rankings: Sequence[dict], heldout_labelers: Sequence[str] = (), prefix="eval"
+) -> dict[str, float]:
+    """The ``rm_accuracy`` metrics of RM ``params`` on ranking records, outside training
+    (e.g. on the training rankings, to measure overfitting)."""
+    tokenizer = make_tokenizer(config.tokenizer)
+    model = Transformer(model_config(config, tokenizer), head="scalar")
+    arrays, _ = encode_rankings(
+        tokenizer,
+        rankings,
+        int(config.data.seq_len),
+        config.data.get("template", "{prompt}\n\n"),
+        int(config.rm.max_responses),
+        skip_too_long=True,
+        heldout_labelers=heldout_labelers,
+    )
+    context = {
+        "model": model,
+        "mesh": sharding.make_mesh(config.mesh),
+        "rules": sharding.rules_from_config(config.get("logical_rules")),
+        "eval_arrays": arrays,
+    }
+    state = TrainState(step=0, params=params, opt_state=None)
+    with context["mesh"]:
+        return {k: float(v) for k, v in RankingAccuracy(context, prefix=prefix).run(state).items()}
 
 
 def load_rankings(path: str, config) -> tuple[list[dict], int]:
@@ -264,6 +302,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
 
     Rankings come from ``config.data.path`` (held-out ones from ``config.data.eval_paths``, or
     ``data.eval_examples`` prompts split off) unless given directly as lists of records.
+    Evaluation is split by labeler group: the ids in ``data.heldout_labelers``, else the
+    labelers of the eval rankings who ranked no training prompt (``unseen_labelers``).
     """
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(config.tokenizer)
@@ -284,6 +324,9 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         for path in eval_paths:
             records, bad = load_rankings(path, config)
             eval_rankings, invalid = eval_rankings + records, invalid + bad
+    heldout_labelers = list(data.get("heldout_labelers", []))
+    if not heldout_labelers and eval_rankings is not None:
+        heldout_labelers = unseen_labelers(rankings, eval_rankings)
     encode = functools.partial(
         encode_rankings,
         tokenizer,
@@ -291,7 +334,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         template=template,
         max_responses=int(config.rm.max_responses),
         skip_too_long=bool(data.get("skip_too_long", False)),
-        heldout_labelers=list(data.get("heldout_labelers", [])),
+        heldout_labelers=heldout_labelers,
     )
     arrays, too_long = encode(rankings, source=data.get("path") or "rankings")
     if eval_rankings is not None:
@@ -329,6 +372,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         "eval_prompts": len(eval_arrays["tokens"]),
         "total_steps": total_steps,
         "pairs": config.rm.pairs,
+        "heldout_labelers": heldout_labelers,
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "run_info.json"), "w") as f:

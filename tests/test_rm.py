@@ -90,3 +90,40 @@ def test_rm_learns_world_rankings_and_normalizes(tmp_path):
         model, state.params, arrays["tokens"], arrays["last"], sharding.LOGICAL_RULES
     )
     assert abs(float(np.asarray(rewards)[:, 0].mean())) < 1e-3
+
+
+def test_unseen_labelers_are_the_heldout_group():
+    train = [{"labeler_id": "a"}, {"labeler_id": "b"}]
+    valid = [{"labeler_id": "a"}, {"labeler_id": "c"}, {"labeler_id": "d"}, {}]
+    assert rm.unseen_labelers(train, valid) == ["c", "d"]
+    assert rm.unseen_labelers([{"labeler_id": "a"}, {}], valid) == []  # ids incomplete
+
+
+def test_rm_world_check_small(tmp_path):
+    """scripts/rm_world_check.py in miniature: agreement near its setting, the gold score as
+    the accuracy ceiling, and one epoch each way on the same rankings, where shuffled pairs
+    take ~C(K,2) times the steps and fit their own rankings more than unseen ones."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import rm_world_check
+
+    args = rm_world_check.parse_args(
+        [
+            "--out", str(tmp_path),
+            "--num_train", "64",
+            "--num_valid", "32",
+            "--variants", "all_in_one,shuffled",
+            "--batch", "8",
+            "--vocab_size", "512",
+            "--tokenizer_docs", "400",
+        ]
+    )  # fmt: skip
+    results = rm_world_check.run_check(args)
+    assert 0.6 < results["agreement_train_labelers"] < 0.85
+    assert results["gold_accuracy_train_labelers"] > 0.7  # labeler noise caps any RM near here
+    one, shuffled = results["variants"]["all_in_one"], results["variants"]["shuffled"]
+    assert one["steps"] == 64 // 8
+    assert shuffled["steps"] > 10 * one["steps"]  # the same data, one epoch
+    for v in (one, shuffled):
+        assert 0.0 <= v["valid_accuracy_heldout_labelers"] <= 1.0
+    assert shuffled["train_log_loss"] < one["train_log_loss"]
+    assert shuffled["overfit_log_loss"] > one["overfit_log_loss"]
