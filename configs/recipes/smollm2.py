@@ -103,7 +103,7 @@ def get_config(arg=None):
             template=TEMPLATE,
             seq_len=256,
         )
-        c.rm.max_responses = 6  # OpenAssistant groups rank up to 6 sibling replies
+        c.rm.max_responses = 9  # the OpenAssistant trees rank up to 9 sibling replies
         c.optimizer.lr = 1e-5
         c.train.batch_size = 16
         c.train.epochs = 1.0
