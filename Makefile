@@ -18,7 +18,7 @@ $(BIN)/instructrl: pyproject.toml
 
 venv: $(BIN)/instructrl
 
-# The main job: the pipeline on its small built-in default (pretrain a tiny base model, then SFT).
+# The main job: the whole pipeline (world -> pretrain -> SFT -> RM -> PPO, PPO-ptx -> report).
 run: venv
 	$(BIN)/instructrl pipeline --workdir $(WORKDIR)
 

@@ -119,9 +119,14 @@ def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, se
     return {"mean": float(np.mean(list(by_family.values()))), **by_family}
 
 
-def run(config, workdir: str, stage_dir: str) -> dict:
-    """Evaluate every model of MODELS whose stage ran; writes stage_dir/evaluation.json and
-    stage_dir/samples_<model>.jsonl; returns the evaluation dict."""
+def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = None) -> dict:
+    """Evaluate models on the world's held-out prompts; writes stage_dir/evaluation.json and
+    stage_dir/samples_<model>.jsonl; returns the evaluation dict.
+
+    models: {name: stage workdir}; default: every model of MODELS whose stage finished under
+    ``workdir``. "sft" is required (the win-rate baseline); a name starting with
+    "base_fewshot" is prompted few-shot.
+    """
     from instructrl.pipeline import build_world
     from instructrl.world.datasets import read_jsonl
 
@@ -132,10 +137,16 @@ def run(config, workdir: str, stage_dir: str) -> dict:
     records = read_jsonl(os.path.join(workdir, "world", "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
     stage = lambda name: os.path.join(workdir, name)  # noqa: E731
-    available = [m for m in MODELS if os.path.exists(os.path.join(stage(MODEL_STAGE[m]), "DONE"))]
+    if models is None:
+        models = {
+            m: stage(MODEL_STAGE[m])
+            for m in MODELS
+            if os.path.exists(os.path.join(stage(MODEL_STAGE[m]), "DONE"))
+        }
+    available = list(models)
     if "sft" not in available:
-        raise FileNotFoundError(f"evaluate: the sft stage has not finished under {workdir}")
-    params = {m: tk.params(stage(MODEL_STAGE[m])) for m in available}
+        raise FileNotFoundError(f"evaluate: no finished sft stage under {workdir}")
+    params = {m: tk.params(d) for m, d in models.items()}
     rm_params = tk.params(stage("rm"), head="scalar") if os.path.exists(stage("rm/DONE")) else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
     items = read_jsonl(os.path.join(workdir, "world", "heldout_tasks.jsonl"))
@@ -145,7 +156,7 @@ def run(config, workdir: str, stage_dir: str) -> dict:
 
     batches = {}
     for m in available:
-        if m == "base_fewshot":
+        if m.startswith("base_fewshot"):
             shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
             b = tk.sample(params[m], shots, template=template, **sample_kwargs)
             # The answer ends at the separator; it is judged as a response to the prompt.
@@ -163,14 +174,14 @@ def run(config, workdir: str, stage_dir: str) -> dict:
     for m in available:
         b = batches[m]
         res = judge(world, records, b.texts, sft_texts)
-        if m == "base_fewshot":
+        if m.startswith("base_fewshot"):
             res["kl_to_sft"] = None  # its answers were sampled under another prompt
         else:
             kl = sequence_kl(tk.logprobs(params[m], b), tk.logprobs(params["sft"], b), b.mask)
             res["kl_to_sft"] = float(kl.mean())
         res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
         res["pretrain_loss"] = tk.lm_loss(params[m], docs, int(config.pretrain.data.seq_len))
-        if m != "base_fewshot":
+        if not m.startswith("base_fewshot"):
             res["fewshot_heldout"] = heldout_scores(
                 tk, params[m], world, items, int(e.heldout_shots), int(e.seed)
             )

@@ -73,12 +73,12 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ptx_coef = 27.8  # gamma of PPO-ptx (paper 27.8)
 
     c.pretrain = _stage_config("pretrain", f"model={model}")
-    c.pretrain.train.steps = 1500
+    c.pretrain.train.steps = 600
     c.pretrain.train.batch_size = 32
     c.pretrain.data.seq_len = 128
     c.pretrain.optimizer.lr = 3e-3
-    c.pretrain.evals.heldout.every_steps = 500
-    c.pretrain.checkpoint.every_steps = 250
+    c.pretrain.evals.heldout.every_steps = 300
+    c.pretrain.checkpoint.every_steps = 200
 
     c.sft = _stage_config("sft", f"model={model}")
     c.sft.train.epochs = 6.0

@@ -1,41 +1,158 @@
-"""The pipeline: stages hand off through init_from; finished stages are not recomputed."""
+"""The whole pipeline on its runlocal config: stages hand off, rankings are of SFT samples,
+the report has every key, finished stages are not recomputed and an interrupted run resumes."""
 
 import json
 import os
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
-from instructrl import pipeline
+from instructrl import evaluate, pipeline, report
+
+REQUIRED = ("win_rate_vs_sft", "gold_score", "likert", "kl_to_sft", "pretrain_loss", "rm_score")
 
 
-def _params(stage_dir):
-    mngr = ocp.CheckpointManager(os.path.join(stage_dir, "checkpoints"))
+def _params(stage_dir, sub="checkpoints"):
+    mngr = ocp.CheckpointManager(os.path.join(stage_dir, sub))
     out = mngr.restore(mngr.latest_step(), args=ocp.args.PyTreeRestore())["params"]
     mngr.close()
     return out
 
 
-def test_pipeline_runlocal_hands_off_and_skips_finished_stages(tmp_path):
-    config = pipeline.default_config("runlocal").unlock()
-    for stage in ("pretrain", "sft"):
-        config[stage].train.progress = False
-        del config[stage].evals["samples"]
-    config.pretrain.train.steps = 30
-    config.sft.train.steps = 6
-    config.sft.optimizer.lr = 1e-4
-    workdir = str(tmp_path / "run")
-    summary = pipeline.run(config, workdir)
-    assert summary["pretrain"]["pretrain/loss"] < 4.0
-    assert os.path.exists(os.path.join(workdir, "sft", "DONE"))
-    # SFT started from the pretrained params: after 6 small steps it is still close to them.
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = pipeline.default_config("runlocal")
+    workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
+    # Interrupted after the reward model: the first call stops there ...
+    partial = config.copy_and_resolve_references()
+    partial.stages = list(pipeline.STAGES[:5])
+    first = pipeline.run(partial, workdir)
+    assert set(first) == set(pipeline.STAGES[:5])
+    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "DONE")) for s in first}
+    # ... and the second call resumes with the stages that had not run.
+    second = pipeline.run(config, workdir)
+    return config, workdir, stamps, second
+
+
+def test_resumes_without_recomputing_finished_stages(run):
+    config, workdir, stamps, timings = run
+    for stage, stamp in stamps.items():
+        assert os.path.getmtime(os.path.join(workdir, stage, "DONE")) == stamp, stage
+    assert set(timings) == set(pipeline.STAGES)  # the timings file keeps earlier stages
+    again = pipeline.run(config, workdir)
+    assert again == timings
+    for stage in pipeline.STAGES:
+        assert os.path.exists(os.path.join(workdir, stage, "DONE"))
+
+
+def test_stages_hand_off_through_init_from(run):
+    _, workdir, _, _ = run
+    for stage, source in (("sft", "pretrain"), ("rm", "sft"), ("ppo", "sft"), ("ppo_ptx", "sft")):
+        with open(os.path.join(workdir, stage, "run_info.json")) as f:
+            assert json.load(f)["config"]["init_from"].endswith(source), stage
+    # SFT started from the pretrained params: after a few steps it is still close to them.
     base, tuned = _params(os.path.join(workdir, "pretrain")), _params(os.path.join(workdir, "sft"))
     emb_base = np.asarray(base["embed"]["embedding"])
     emb_tuned = np.asarray(tuned["embed"]["embedding"])
-    assert np.abs(emb_tuned - emb_base).max() < 0.05 * np.abs(emb_base).max()
-    with open(os.path.join(workdir, "sft", "run_info.json")) as f:
-        assert json.load(f)["config"]["init_from"].endswith("pretrain")
-    before = os.path.getmtime(os.path.join(workdir, "sft", "metrics.jsonl"))
-    again = pipeline.run(config, workdir)
-    assert again == summary
-    assert os.path.getmtime(os.path.join(workdir, "sft", "metrics.jsonl")) == before
+    assert 0 < np.abs(emb_tuned - emb_base).max() < 0.5 * np.abs(emb_base).max()
+
+
+def test_rankings_are_sft_samples_ranked_by_the_right_labelers(run):
+    config, workdir, _, _ = run
+    world = pipeline.build_world(config)
+    train_ids = {lab.labeler_id for lab in world.labelers.train}
+    heldout_ids = {lab.labeler_id for lab in world.labelers.heldout}
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "rankings", "rankings_train.jsonl"))]
+    world_rows = [json.loads(x) for x in open(os.path.join(workdir, "world", "prompts_rm.jsonl"))]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in world_rows]
+    references = {world.solve(r) for r in world_rows}
+    for r in rows:
+        k = len(r["responses"])
+        assert config.rankings.min_responses <= k <= config.rankings.max_responses
+        assert sorted(set(r["ranks"])) == list(range(len(set(r["ranks"]))))
+        assert r["labeler_id"] in train_ids
+    # Policy samples, not the world's reference answers.
+    responses = [x for r in rows for x in r["responses"]]
+    assert sum(x in references for x in responses) < 0.1 * len(responses)
+    heldout = open(os.path.join(workdir, "rankings", "rankings_valid_heldout_labelers.jsonl"))
+    assert all(json.loads(x)["labeler_id"] in heldout_ids for x in heldout)
+
+
+def test_report_has_every_model_and_key(run):
+    _, workdir, _, _ = run
+    with open(os.path.join(workdir, "report.json")) as f:
+        rep = json.load(f)
+    assert set(rep["models"]) == set(evaluate.MODELS)
+    for name, m in rep["models"].items():
+        for key in REQUIRED + evaluate.ATTRIBUTES:
+            assert key in m, (name, key)
+        w = m["win_rate_vs_sft"]
+        assert 0 <= w["low"] <= w["mean"] <= w["high"] <= 1
+    # SFT against itself: every comparison is a tie.
+    assert rep["models"]["sft"]["win_rate_vs_sft"]["mean"] == 0.5
+    assert rep["models"]["sft"]["kl_to_sft"] == 0.0
+    assert "accuracy_heldout_labelers" in rep["reward_model"]
+    assert rep["curves"]["ppo"]["step"] and rep["curves"]["ppo_ptx"]["ptx_loss"]
+    md = open(os.path.join(workdir, "report.md")).read()
+    assert "| ppo_ptx |" in md and "Alignment tax" in md
+    for png in ("reward_kl_curves", "win_rates", "attributes", "alignment_tax"):
+        assert os.path.getsize(os.path.join(workdir, "plots", png + ".png")) > 1000
+
+
+def test_interval_matches_normal_approximation():
+    rng = np.random.default_rng(0)
+    x = rng.choice([0.0, 0.5, 1.0], size=200, p=[0.3, 0.2, 0.5])
+    got = evaluate.interval(x)
+    half = 1.96 * np.std(x, ddof=1) / np.sqrt(len(x))
+    np.testing.assert_allclose([got["low"], got["high"]], [x.mean() - half, x.mean() + half])
+    assert got["n"] == 200
+
+
+def test_headline_table_lists_models_in_order():
+    m = {
+        "win_rate_vs_sft": {"mean": 0.6, "low": 0.5, "high": 0.7},
+        "likert": 4.0,
+        "gold_score": 0.5,
+        "rm_score": 0.1,
+        "kl_to_sft": 1.0,
+        "pretrain_loss": 2.0,
+        "fewshot_heldout": {"mean": 0.3},
+    }
+    table = report.headline({"models": {"ppo": m, "sft": m}})
+    lines = table.splitlines()
+    assert lines[2].startswith("| sft |") and lines[3].startswith("| ppo |")
+    assert "0.600 [0.50, 0.70]" in lines[3]
+
+
+@pytest.fixture(scope="module")
+def experiments(run):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import run as experiments_run
+
+    return experiments_run, run[1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ptx_vs_ppo", "kl_sweep", "ptx_sweep", "rm_batching", "rm_generalization", "overoptimization"],
+)
+def test_experiment_tiny_variant_writes_its_report(experiments, name):
+    module, workdir = experiments
+    path = module.main([name, "--workdir", workdir, "--tiny"])
+    results = json.load(open(path.replace(".md", ".json")))
+    table = open(path).read()
+    assert table.count("\n") >= 2
+    if name in ("ptx_vs_ppo", "kl_sweep", "ptx_sweep"):
+        names = [r["variant"] for r in results["rows"]]
+        assert names[0] == "sft" and len(names) >= 3
+        for row in results["rows"][1:]:
+            assert 0 <= row["win_rate_vs_sft"]["mean"] <= 1
+    if name == "rm_batching":
+        steps = {r["pairs"]: r["steps"] for r in results["rows"]}
+        # Shuffled pairs take one step per C(K,2)/batch comparisons: many more per epoch.
+        assert steps["shuffled"] > steps["all_in_one"]
+    if name == "overoptimization":
+        assert len(results["curve"]) >= 2

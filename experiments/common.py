@@ -1,0 +1,110 @@
+"""Shared machinery of the ablation sweeps: one pipeline's stages up to the reward model are
+built once under DIR, then each variant trains its own PPO policy (or RM) and every policy is
+evaluated on the same held-out prompts by the same held-out labelers.
+
+  python experiments/run.py kl_sweep --workdir runs/exp            # full sweep
+  python experiments/run.py kl_sweep --workdir /tmp/exp --tiny     # seconds-scale smoke run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from instructrl import evaluate, pipeline, ppo, rm
+
+SHARED = ("world", "pretrain", "sft", "rankings", "rm")
+
+
+def base_config(tiny: bool):
+    return pipeline.default_config("runlocal" if tiny else None)
+
+
+def shared_stages(config, workdir: str) -> None:
+    """world -> pretrain -> sft -> rankings -> rm, each skipped when already done."""
+    c = config.copy_and_resolve_references()
+    c.stages = list(SHARED)
+    pipeline.run(c, workdir)
+
+
+def _set(cfg, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for part in path:
+        cfg = cfg[part]
+    cfg[last] = value
+
+
+def _once(stage_dir: str, fn) -> str:
+    done = os.path.join(stage_dir, "DONE")
+    if not os.path.exists(done):
+        os.makedirs(stage_dir, exist_ok=True)
+        fn()
+        with open(done, "w") as f:
+            f.write("done\n")
+    return stage_dir
+
+
+def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
+    """Train the PPO policy of the pipeline's ``ppo`` stage with ``overrides`` (dotted keys
+    of that stage's config, e.g. {"ppo.kl_coef": 0.05, "ptx.coef": 27.8})."""
+    c = pipeline.wire(config, workdir).ppo
+    for key, value in overrides.items():
+        _set(c, key, value)
+    stage_dir = os.path.join(workdir, "variants", name)
+    return _once(stage_dir, lambda: ppo.run(c, stage_dir))
+
+
+def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
+    c = pipeline.wire(config, workdir).rm
+    for key, value in overrides.items():
+        _set(c, key, value)
+    stage_dir = os.path.join(workdir, "variants", name)
+    return _once(stage_dir, lambda: rm.run(c, stage_dir))
+
+
+def evaluate_policies(config, workdir: str, experiment: str, policies: dict[str, str]) -> dict:
+    """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT."""
+    out_dir = os.path.join(workdir, "eval_" + experiment)
+    os.makedirs(out_dir, exist_ok=True)
+    models = {"sft": os.path.join(workdir, "sft"), **policies}
+    return evaluate.run(config, workdir, out_dir, models=models)["models"]
+
+
+def ppo_curves(stage_dir: str) -> list[dict]:
+    """Held-out policy evaluations logged during PPO: step, RM score, gold score, KL."""
+    rows = []
+    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "eval/gold_score" in r:
+                rows.append(
+                    {
+                        "step": r["step"],
+                        "rm_score": r["eval/score"],
+                        "gold_score": r["eval/gold_score"],
+                        "kl_to_sft": r["eval/kl_to_ref"],
+                    }
+                )
+    return rows
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, dict) and "mean" in v and "low" in v:
+            return f"{v['mean']:.3f} [{v['low']:.2f}, {v['high']:.2f}]"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(workdir: str, experiment: str, results: dict, markdown: str) -> str:
+    path = os.path.join(workdir, f"results_{experiment}")
+    with open(path + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(path + ".md", "w") as f:
+        f.write(markdown + "\n")
+    return path + ".md"
