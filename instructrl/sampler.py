@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from instructrl import model as model_lib
 from instructrl.model import Transformer, init_cache, unstack_layers
 from instructrl.sampling import filter_logits
 
-CACHE_AXES = ("act_batch", "act_len", "act_kv_heads", "act_kv")
+# Logical axes of one layer's cached keys/values, as ``init_cache`` lays them out.
+CACHE_AXES = getattr(model_lib, "CACHE_AXES", ("act_batch", "act_len", "act_kv_heads", "act_kv"))
 
 
 @flax.struct.dataclass
