@@ -67,7 +67,7 @@ def evaluate_policies(config, workdir: str, experiment: str, policies: dict[str,
     out_dir = os.path.join(workdir, "eval_" + experiment)
     os.makedirs(out_dir, exist_ok=True)
     models = {"sft": os.path.join(workdir, "sft"), **policies}
-    return evaluate.run(config, workdir, out_dir, models=models)["models"]
+    return evaluate.run(pipeline.wire(config, workdir), workdir, out_dir, models=models)["models"]
 
 
 def ppo_curves(stage_dir: str) -> list[dict]:

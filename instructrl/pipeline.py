@@ -29,6 +29,7 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 
 from instructrl import config_lib
 
@@ -142,7 +143,7 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sft.train.epochs, c.sft.train.steps = 0.0, 12
         c.sft.train.batch_size, c.sft.data.eval_examples = 8, 8
         c.pretrain.train.batch_size = 8
-        c.rankings.valid_prompts = 8
+        c.rankings.update(valid_prompts=8, max_new_tokens=16, max_responses=5)
         c.rm.train.batch_size = 8
         for name in ("ppo", "ppo_ptx"):
             c[name].ppo.iterations = 2
@@ -226,10 +227,10 @@ def stage_rankings(config, workdir: str, stage_dir: str) -> None:
     calls = [0]
 
     def sample_fn(records, num_responses):
-        """K policy samples per record (one sampler call over all records x max K)."""
+        """K policy samples per record: one sampler pass over every (record, k) pair."""
         calls[0] += 1
-        k_max = max(num_responses)
-        prompts = [rec["prompt"] for rec in records for _ in range(k_max)]
+        prompts = [rec["prompt"] for rec, k in zip(records, num_responses, strict=True)
+                   for _ in range(k)]  # fmt: skip
         batch = tk.sample(
             params,
             prompts,
@@ -238,7 +239,8 @@ def stage_rankings(config, workdir: str, stage_dir: str) -> None:
             seed=int(r.seed) * 1000 + calls[0],
             template=template,
         )
-        return [batch.texts[i * k_max : i * k_max + k] for i, k in enumerate(num_responses)]
+        ends = np.cumsum(num_responses)
+        return [batch.texts[end - k : end] for end, k in zip(ends, num_responses, strict=True)]
 
     prompts = {
         split: read_jsonl(os.path.join(workdir, "world", f"prompts_{split}.jsonl"))
@@ -246,14 +248,25 @@ def stage_rankings(config, workdir: str, stage_dir: str) -> None:
     }
     valid = prompts["rm_valid"][: int(r.valid_prompts)]
     pool = world.labelers
-    for name, records, group in (
-        ("rankings_train.jsonl", prompts["rm"], pool.train),
-        ("rankings_valid_train_labelers.jsonl", valid, pool.train),
-        ("rankings_valid_heldout_labelers.jsonl", valid, pool.heldout),
-    ):
-        rankings = build_rankings(world, records, group, sample_fn, seed=int(r.seed) + len(name))
-        write_jsonl(os.path.join(stage_dir, name), rankings)
-        log.info("rankings: %d prompts -> %s", len(rankings), name)
+    out = {}
+    for name, records in (("train", prompts["rm"]), ("valid_train_labelers", valid)):
+        out[name] = build_rankings(
+            world, records, pool.train, sample_fn, seed=int(r.seed) + len(name)
+        )
+    # The held-out labelers rank the very same validation responses, so that RM accuracy on
+    # the two groups, and the groups' agreement with each other, compare like with like.
+    by_id = {rec["id"]: rec for rec in valid}
+    rng = np.random.default_rng(int(r.seed) + 1)
+    out["valid_heldout_labelers"] = []
+    for row in out["valid_train_labelers"]:
+        labeler = pool.heldout[int(rng.integers(len(pool.heldout)))]
+        ranks = labeler.rank(by_id[row["id"]], row["responses"])
+        out["valid_heldout_labelers"].append(
+            {**row, "ranks": ranks, "labeler_id": labeler.labeler_id}
+        )
+    for name, rankings in out.items():
+        write_jsonl(os.path.join(stage_dir, f"rankings_{name}.jsonl"), rankings)
+        log.info("rankings: %d prompts -> rankings_%s.jsonl", len(rankings), name)
 
 
 def stage_evaluate(config, workdir: str, stage_dir: str) -> None:

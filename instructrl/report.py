@@ -132,7 +132,7 @@ def markdown(report: dict) -> str:
     for a in ATTRIBUTES:
         out.append(f"| {a} | " + " | ".join(_fmt(report["models"][n].get(a)) for n in names) + " |")
     if "alignment_tax" in report:
-        out += ["", "## Alignment tax (table 14 analog; change from SFT)", ""]
+        out += ["", "## Alignment tax (table 14 analog; the change from SFT is in report.json)", ""]
         fams = sorted(
             k for k in (report["models"]["sft"].get("fewshot_heldout") or {}) if k != "mean"
         )
