@@ -192,8 +192,9 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
         """x: (B, T, D); positions: (B, T); mask: None (plain causal) or (B, 1, T, S) bool.
 
-        With ``cache`` = {"k", "v"} (B, S, K, H), the new keys and values are written at slots
-        [cache_index, cache_index + T) and the queries attend over all S slots (under mask).
+        With ``cache`` = {"k", "v"} (B, K, S, H) (head-major, ``CACHE_AXES``), the new keys and
+        values are written at slots [cache_index, cache_index + T) and the queries attend over
+        all S slots (under mask).
         Returns (output (B, T, D), updated cache or None).
         """
         cfg = self.cfg
@@ -232,13 +233,14 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "act_kv"))
         if cache is not None:
             # In-place (the decode loop carries the cache, so XLA updates its buffer).
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
+            ck = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype).transpose(0, 2, 1, 3), cache_index, axis=2
             )
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
+            cv = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype).transpose(0, 2, 1, 3), cache_index, axis=2
             )
-            cache = {"k": k, "v": v}
+            cache = {"k": ck, "v": cv}
+            k, v = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
         out = jax.nn.dot_product_attention(
             q,
             k.astype(q.dtype),
@@ -436,11 +438,17 @@ class Transformer(nn.Module):
         return logits.astype(jnp.float32)
 
 
+# Cached keys/values are head-major, (B, K, S, H): the decode step's attention contracts over
+# (S, H) with (B, K) as batch dimensions, which XLA wants major; the (B, S, K, H) layout made
+# it transpose (copy) the whole cache at every decode step.
+CACHE_AXES = ("act_batch", "act_kv_heads", "act_len", "act_kv")
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-    """An empty KV cache of ``length`` slots: {"k", "v"} (L, B, S, K, H) for scanned layers, a
-    list of per-layer {"k", "v"} (B, S, K, H) otherwise. dtype defaults to the compute dtype."""
+    """An empty KV cache of ``length`` slots: {"k", "v"} (L, B, K, S, H) for scanned layers, a
+    list of per-layer {"k", "v"} (B, K, S, H) otherwise. dtype defaults to the compute dtype."""
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, length, cfg.kv_heads, cfg.head_size)
+    shape = (batch, cfg.kv_heads, length, cfg.head_size)
     if cfg.scan_layers:
         full = (cfg.num_layers, *shape)
         return {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype)}
