@@ -46,11 +46,23 @@ def _once(stage_dir: str, fn) -> str:
 
 def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
     """Train the PPO policy of the pipeline's ``ppo`` stage with ``overrides`` (dotted keys
-    of that stage's config, e.g. {"ppo.kl_coef": 0.05, "ptx.coef": 27.8})."""
+    of that stage's config, e.g. {"ppo.kl_coef": 0.05, "ptx.coef": 27.8}).
+
+    Variants are keyed by their effective settings, so experiments that ask for the same
+    policy (the pipeline's own PPO and PPO-ptx included) share one training run.
+    """
     c = pipeline.wire(config, workdir).ppo
     for key, value in overrides.items():
         _set(c, key, value)
-    stage_dir = os.path.join(workdir, "variants", name)
+    settings = {"ppo.kl_coef": float(c.ppo.kl_coef), "ptx.coef": float(c.ptx.coef)}
+    settings.update({k: v for k, v in overrides.items() if k not in settings})
+    for stage in ("ppo", "ppo_ptx"):
+        own = {"ppo.kl_coef": float(config[stage].ppo.kl_coef),
+               "ptx.coef": float(config[stage].ptx.coef)}  # fmt: skip
+        if settings == own and os.path.exists(os.path.join(workdir, stage, "DONE")):
+            return os.path.join(workdir, stage)
+    key = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    stage_dir = os.path.join(workdir, "variants", key)
     return _once(stage_dir, lambda: ppo.run(c, stage_dir))
 
 

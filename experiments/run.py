@@ -67,7 +67,7 @@ def ptx_vs_ppo(config, workdir, tiny):
 
 
 def kl_sweep(config, workdir, tiny):
-    coefs = (0.0, 0.02, 0.2) if tiny else (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
+    coefs = (0.0, 0.02) if tiny else (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
     variants = {f"kl_{k}": {"ppo.kl_coef": k, "ptx.coef": 0.0} for k in coefs}
     return policy_sweep(config, workdir, "kl_sweep", variants, tiny)
 
