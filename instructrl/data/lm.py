@@ -162,7 +162,9 @@ def read_text_files(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def text_arrays(tokenizer: Tokenizer, documents: Iterable[str], seq_len: int) -> dict[str, np.ndarray]:
+def text_arrays(
+    tokenizer: Tokenizer, documents: Iterable[str], seq_len: int
+) -> dict[str, np.ndarray]:
     """Documents joined with EOS into one stream, cut into rows of seq_len + 1 tokens.
 
     Every token is a target (pretraining). The tail shorter than one row is dropped.
