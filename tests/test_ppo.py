@@ -183,6 +183,22 @@ def test_adaptive_kl_controller():
     assert float(ppo.adaptive_kl(0.1, 0.0, 64, 6.0, 640.0)) == pytest.approx(0.1 * 0.98)
 
 
+def test_ema_update_is_the_bias_corrected_average():
+    """After n updates the EMA is sum_i (1 - d) d^(n - i) theta_i / (1 - d^n) (float64), not
+    pulled toward its starting point (the SFT weights)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    decay, thetas = 0.992, rng.normal(size=(40, 3, 5))
+    ema = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}  # the SFT start: forgotten
+    for n, theta in enumerate(thetas, start=1):
+        ema = ppo.ema_update(ema, {"w": jnp.asarray(theta, jnp.float32)}, decay, jnp.asarray(n))
+        weights = (1 - decay) * decay ** (n - np.arange(1, n + 1)) / (1 - decay**n)
+        want = np.einsum("i,ijk->jk", weights, thetas[:n])
+        np.testing.assert_allclose(np.asarray(ema["w"]), want, rtol=2e-4, atol=2e-5)
+    assert weights.sum() == pytest.approx(1.0)
+
+
 def test_paper_preset_matches_appendix_c4():
     import ppo as ppo_config
 
