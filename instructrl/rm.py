@@ -123,6 +123,32 @@ def expand_pairs(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
+class RankingBatcher(lm_data.EpochBatcher):
+    """Epoch batches of rankings bucketed by K: each epoch's shuffled rows are grouped by their
+    number of responses, cut into batches, and the batches shuffled; each batch keeps only as
+    many response slots as its largest ranking has. A K = 2 pair then costs 2 sequences, not
+    ``max_responses`` (the recipe mixes HH-RLHF pairs with OpenAssistant rankings of up to 9).
+    Still a pure function of (seed, step); the slot count comes from the global batch, so every
+    host trims alike. One compiled step per distinct K.
+    """
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        # Like EpochBatcher, each epoch leaves out a different random remainder.
+        rows = rng.permutation(self.size)[: self.steps_per_epoch * self.batch_size]
+        rows = rows[np.argsort(self.arrays["mask"][rows].sum(1), kind="stable")]
+        batches = rows.reshape(self.steps_per_epoch, self.batch_size)
+        return batches[rng.permutation(self.steps_per_epoch)].reshape(-1)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.global_rows(step)
+        k = int(self.arrays["mask"][rows].sum(1).max())
+        rows = rows[self.host_rows]
+        return {
+            name: v[rows][:, :k] if v.ndim >= 2 else v[rows] for name, v in self.arrays.items()
+        }
+
+
 def rewards_at_last(model: Transformer, params, tokens, last, rules, **kwargs) -> jax.Array:
     """Scalar rewards (B, K) for tokens (B, K, T), read at index ``last`` (B, K)."""
     b, k, t = tokens.shape
@@ -349,7 +375,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         raise ValueError(f"rm.pairs must be 'all_in_one' or 'shuffled', got {config.rm.pairs!r}")
     train_arrays.pop("group")
     batch_size = int(config.train.batch_size)
-    batcher = lm_data.EpochBatcher(
+    batcher = RankingBatcher(
         train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
     )
     total_steps = int(config.train.get("steps") or 0) or max(

@@ -127,3 +127,38 @@ def test_rm_world_check_small(tmp_path):
         assert 0.0 <= v["valid_accuracy_heldout_labelers"] <= 1.0
     assert shuffled["train_log_loss"] < one["train_log_loss"]
     assert shuffled["overfit_log_loss"] > one["overfit_log_loss"]
+
+
+def test_ranking_batcher_buckets_by_k_and_trims_slots():
+    """Batches group rankings of like K and keep only the slots their largest ranking uses;
+    the trimmed slots were all padding; each epoch visits distinct rows in a new order."""
+    rng = np.random.default_rng(0)
+    n, k_max, t = 203, 9, 5
+    ks = rng.integers(2, k_max + 1, n)
+    mask = np.arange(k_max)[None] < ks[:, None]
+    arrays = {
+        "tokens": rng.integers(0, 50, (n, k_max, t)).astype(np.int32),
+        "last": rng.integers(0, t, (n, k_max)).astype(np.int32),
+        "ranks": rng.integers(0, 4, (n, k_max)).astype(np.int32),
+        "mask": mask,
+        "id": np.arange(n),
+    }
+    batcher = rm.RankingBatcher(arrays, 16, seed=3)
+    assert batcher.steps_per_epoch == n // 16
+    widths, epochs = [], []
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * batcher.steps_per_epoch, (epoch + 1) * batcher.steps_per_epoch):
+            b = batcher.batch(step)
+            rows = b["id"]
+            k = b["mask"].shape[1]
+            assert k == ks[rows].max()
+            assert not mask[rows, k:].any()  # only padding was trimmed
+            np.testing.assert_array_equal(b["tokens"], arrays["tokens"][rows, :k])
+            np.testing.assert_array_equal(b["ranks"], arrays["ranks"][rows, :k])
+            widths.append(k - ks[rows].min())
+            seen.extend(rows.tolist())
+        assert len(set(seen)) == len(seen) == batcher.steps_per_epoch * 16
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+    assert np.mean(widths) < 1.0  # like-K batches: padding mostly gone (random: ~6 slots)

@@ -213,8 +213,14 @@ class EpochBatcher:
         self.steps_per_epoch = self.size // batch_size
         self.host_rows = host_rows or slice(0, batch_size)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's row order: batch i is rows [i * batch_size, (i + 1) * batch_size)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def global_rows(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        rows = order[index * self.batch_size : (index + 1) * self.batch_size][self.host_rows]
+        return self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.global_rows(step)[self.host_rows]
         return {k: v[rows] for k, v in self.arrays.items()}
