@@ -74,12 +74,18 @@ def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
     return _once(stage_dir, lambda: rm.run(c, stage_dir))
 
 
-def evaluate_policies(config, workdir: str, experiment: str, policies: dict[str, str]) -> dict:
-    """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT."""
+def evaluate_policies(
+    config, workdir: str, experiment: str, policies: dict[str, str], model_configs=None
+) -> dict:
+    """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT
+    (``model_configs``: {name: stage config} for models not shaped like the SFT policy)."""
     out_dir = os.path.join(workdir, "eval_" + experiment)
     os.makedirs(out_dir, exist_ok=True)
     models = {"sft": os.path.join(workdir, "sft"), **policies}
-    return evaluate.run(pipeline.wire(config, workdir), workdir, out_dir, models=models)["models"]
+    wired = pipeline.wire(config, workdir)
+    return evaluate.run(wired, workdir, out_dir, models=models, model_configs=model_configs)[
+        "models"
+    ]
 
 
 def ppo_curves(stage_dir: str) -> list[dict]:

@@ -2,10 +2,10 @@
 
   python experiments/run.py NAME --workdir DIR [--tiny]
 
-NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), rm_generalization (f),
-overoptimization (g). All share DIR's world, base model, SFT policy, rankings and reward model,
-so running several experiments in one DIR builds those once. Writes DIR/results_<NAME>.{json,md}
-and prints the table.
+NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
+rm_generalization (f), overoptimization (g). All share DIR's world, base model, SFT policy,
+rankings and reward model, so running several experiments in one DIR builds those once.
+Writes DIR/results_<NAME>.{json,md} and prints the table.
 """
 
 from __future__ import annotations
@@ -138,6 +138,70 @@ def rm_generalization(config, workdir, tiny):
     return {"row": row}, common.table([row], cols)
 
 
+def size(config, workdir, tiny):
+    """(e) The small RLHF policies against a larger base model, pretrained on the same text for
+    the same steps, prompted zero-shot and few-shot; all judged against the small SFT policy
+    (paper: 1.3B InstructGPT preferred over 175B GPT-3, prompted or not)."""
+    from instructrl import main
+
+    large = "medium"
+    c = pipeline_stage_config(config, workdir, "pretrain")
+    c.model.preset = large
+    stage = os.path.join(workdir, "variants", f"pretrain_{large}")
+    common._once(stage, lambda: main.run_stage(c, stage))
+    policies = {
+        "ppo": common.ppo_variant(config, workdir, "ppo", {"ptx.coef": 0.0}),
+        "ppo_ptx": common.ppo_variant(config, workdir, "ppo_ptx", {"ptx.coef": config.ptx_coef}),
+        "base_small": os.path.join(workdir, "pretrain"),
+        "base_fewshot_small": os.path.join(workdir, "pretrain"),
+        f"base_{large}": stage,
+        f"base_fewshot_{large}": stage,
+    }
+    models = common.evaluate_policies(
+        config,
+        workdir,
+        "size",
+        policies,
+        model_configs={f"base_{large}": c, f"base_fewshot_{large}": c},  # fmt: skip
+    )
+    params = {"small": _param_count(config.sft), large: _param_count(c)}
+    rows = []
+    for name in ("sft", *policies):
+        size_name = large if name.endswith(large) else "small"
+        m = models[name]
+        rows.append(
+            {
+                "model": name,
+                "params": params[size_name],
+                **{k: m[k] for k in POLICY_COLUMNS[1:-1]},
+                "fewshot_heldout": m["fewshot_heldout"]["mean"],
+            }
+        )
+    md = common.table(rows, ["model", "params", *POLICY_COLUMNS[1:]])
+    return {"rows": rows, "models": models, "params": params}, md
+
+
+def pipeline_stage_config(config, workdir, stage):
+    from instructrl import pipeline
+
+    return pipeline.wire(config, workdir)[stage].copy_and_resolve_references()
+
+
+def _param_count(stage_config) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from instructrl.model import Transformer
+    from instructrl.sft import model_config
+    from instructrl.tokenizer import make_tokenizer
+
+    cfg = model_config(stage_config, make_tokenizer(stage_config.tokenizer))
+    shapes = jax.eval_shape(
+        lambda: Transformer(cfg, head="lm").init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    )
+    return int(sum(x.size for x in jax.tree.leaves(shapes)))
+
+
 EXPERIMENTS = {
     "ptx_vs_ppo": ptx_vs_ppo,
     "kl_sweep": kl_sweep,
@@ -145,6 +209,7 @@ EXPERIMENTS = {
     "rm_batching": rm_batching,
     "rm_generalization": rm_generalization,
     "overoptimization": overoptimization,
+    "size": size,
 }
 
 

@@ -119,13 +119,21 @@ def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, se
     return {"mean": float(np.mean(list(by_family.values()))), **by_family}
 
 
-def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = None) -> dict:
+def run(
+    config,
+    workdir: str,
+    stage_dir: str,
+    models: dict[str, str] | None = None,
+    model_configs: dict | None = None,
+) -> dict:
     """Evaluate models on the world's held-out prompts; writes stage_dir/evaluation.json and
     stage_dir/samples_<model>.jsonl; returns the evaluation dict.
 
     models: {name: stage workdir}; default: every model of MODELS whose stage finished under
     ``workdir``. "sft" is required (the win-rate baseline); a name starting with
     "base_fewshot" is prompted few-shot.
+    model_configs: {name: stage config} for models whose shape differs from the SFT policy's
+    (e.g. a larger base model, experiment (e)); they must share its tokenizer.
     """
     from instructrl.pipeline import build_world
     from instructrl.world.datasets import read_jsonl
@@ -133,6 +141,10 @@ def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = No
     e = config.evaluate
     world = build_world(config)
     tk = Toolkit(config.sft, batch_size=int(e.batch_size))
+    toolkits = {
+        m: Toolkit(c, batch_size=int(e.batch_size)) for m, c in (model_configs or {}).items()
+    }
+    tk_of = lambda m: toolkits.get(m, tk)  # noqa: E731
     template = config.sft.data.get("template", "{prompt}\n\n")
     records = read_jsonl(os.path.join(workdir, "world", "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
@@ -146,7 +158,7 @@ def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = No
     available = list(models)
     if "sft" not in available:
         raise FileNotFoundError(f"evaluate: no finished sft stage under {workdir}")
-    params = {m: tk.params(d) for m, d in models.items()}
+    params = {m: tk_of(m).params(d) for m, d in models.items()}
     rm_params = tk.params(stage("rm"), head="scalar") if os.path.exists(stage("rm/DONE")) else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
     items = read_jsonl(os.path.join(workdir, "world", "heldout_tasks.jsonl"))
@@ -158,12 +170,12 @@ def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = No
     for m in available:
         if m.startswith("base_fewshot"):
             shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-            b = tk.sample(params[m], shots, template=template, **sample_kwargs)
+            b = tk_of(m).sample(params[m], shots, template=template, **sample_kwargs)
             # The answer ends at the separator; it is judged as a response to the prompt.
             texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
             b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
         else:
-            b = tk.sample(params[m], prompts, template=template, **sample_kwargs)
+            b = tk_of(m).sample(params[m], prompts, template=template, **sample_kwargs)
         batches[m] = b
         with open(os.path.join(stage_dir, f"samples_{m}.jsonl"), "w") as f:
             for r, text in zip(records, b.texts, strict=True):
@@ -177,16 +189,19 @@ def run(config, workdir: str, stage_dir: str, models: dict[str, str] | None = No
         if m.startswith("base_fewshot"):
             res["kl_to_sft"] = None  # its answers were sampled under another prompt
         else:
-            kl = sequence_kl(tk.logprobs(params[m], b), tk.logprobs(params["sft"], b), b.mask)
+            logprobs = tk_of(m).logprobs(params[m], b)
+            kl = sequence_kl(logprobs, tk.logprobs(params["sft"], b), b.mask)
             res["kl_to_sft"] = float(kl.mean())
         res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
-        res["pretrain_loss"] = tk.lm_loss(params[m], docs, int(config.pretrain.data.seq_len))
-        if not m.startswith("base_fewshot"):
-            res["fewshot_heldout"] = heldout_scores(
-                tk, params[m], world, items, int(e.heldout_shots), int(e.seed)
-            )
+        seq_len = int(config.pretrain.data.seq_len)
+        res["pretrain_loss"] = tk_of(m).lm_loss(params[m], docs, seq_len)
+        twin = m.replace("base_fewshot", "base")  # the same weights, prompted zero-shot
+        if m.startswith("base_fewshot") and twin in results:
+            res["fewshot_heldout"] = results[twin]["fewshot_heldout"]
         else:
-            res["fewshot_heldout"] = results.get("base", {}).get("fewshot_heldout")
+            res["fewshot_heldout"] = heldout_scores(
+                tk_of(m), params[m], world, items, int(e.heldout_shots), int(e.seed)
+            )
         results[m] = res
         log.info(
             "evaluate %s: %s",

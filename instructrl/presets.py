@@ -37,6 +37,8 @@ TINY = {
     # Sizes that train in seconds to minutes on a 2-core CPU.
     "tiny": dict(family="gpt", num_layers=2, d_model=64, num_heads=4, max_len=256),
     "small": dict(family="gpt", num_layers=4, d_model=128, num_heads=4, max_len=256),
+    # 3.4x small's non-embedding parameters: the "larger base model" of experiment (e).
+    "medium": dict(family="gpt", num_layers=6, d_model=192, num_heads=6, max_len=256),
     "llama-tiny": dict(
         family="llama", num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, max_len=256
     ),

@@ -137,7 +137,15 @@ def experiments(run):
 
 @pytest.mark.parametrize(
     "name",
-    ["ptx_vs_ppo", "kl_sweep", "ptx_sweep", "rm_batching", "rm_generalization", "overoptimization"],
+    [
+        "ptx_vs_ppo",
+        "kl_sweep",
+        "ptx_sweep",
+        "rm_batching",
+        "size",
+        "rm_generalization",
+        "overoptimization",
+    ],
 )
 def test_experiment_tiny_variant_writes_its_report(experiments, name):
     module, workdir = experiments
@@ -156,3 +164,9 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         assert steps["shuffled"] > steps["all_in_one"]
     if name == "overoptimization":
         assert len(results["curve"]) >= 2
+    if name == "size":
+        rows = {r["model"]: r for r in results["rows"]}
+        assert rows["base_medium"]["params"] > 2 * rows["base_small"]["params"]
+        # The larger base is its own model: different answers, a different held-out loss.
+        assert rows["base_medium"]["pretrain_loss"] != rows["base_small"]["pretrain_loss"]
+        assert rows["base_fewshot_medium"]["kl_to_sft"] is None
