@@ -144,9 +144,7 @@ class RankingBatcher(lm_data.EpochBatcher):
         rows = self.global_rows(step)
         k = int(self.arrays["mask"][rows].sum(1).max())
         rows = rows[self.host_rows]
-        return {
-            name: v[rows][:, :k] if v.ndim >= 2 else v[rows] for name, v in self.arrays.items()
-        }
+        return {name: v[rows][:, :k] if v.ndim >= 2 else v[rows] for name, v in self.arrays.items()}
 
 
 def rewards_at_last(model: Transformer, params, tokens, last, rules, **kwargs) -> jax.Array:
