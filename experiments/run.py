@@ -73,7 +73,7 @@ def kl_sweep(config, workdir, tiny):
 
 
 def ptx_sweep(config, workdir, tiny):
-    coefs = (0.0, 27.8) if tiny else (0.0, 1.0, 5.0, 27.8, 100.0)
+    coefs = (0.0, 27.8) if tiny else (0.0, 0.03, 0.1, 0.3, 1.0, 27.8)
     variants = {f"ptx_{g}": {"ptx.coef": g} for g in coefs}
     return policy_sweep(config, workdir, "ptx_sweep", variants, tiny)
 
