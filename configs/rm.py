@@ -30,6 +30,9 @@ def get_config(arg=None):
     c.rm = dict(
         pairs=str(args.get("pairs", "all_in_one")),  # or "shuffled" (ablation)
         max_responses=9,
+        # Batches of like K, slots trimmed to the largest ranking (rm.RankingBatcher): much
+        # cheaper for K = 2 pairs mixed with K-way rankings; off, every prompt pads to 9.
+        bucket_by_k=False,
         normalize_with="",  # demonstrations file: their mean reward becomes 0
         normalize_examples=256,
     )

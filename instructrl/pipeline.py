@@ -106,6 +106,7 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.rm = _stage_config("rm", f"model={model}")
     c.rm.train.epochs = 1.0
+    c.rm.rm.bucket_by_k = True
     c.rm.train.batch_size = 16
     c.rm.data.seq_len = 160
     c.rm.optimizer.lr = 3e-4

@@ -373,7 +373,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         raise ValueError(f"rm.pairs must be 'all_in_one' or 'shuffled', got {config.rm.pairs!r}")
     train_arrays.pop("group")
     batch_size = int(config.train.batch_size)
-    batcher = RankingBatcher(
+    batcher_cls = RankingBatcher if config.rm.get("bucket_by_k", False) else lm_data.EpochBatcher
+    batcher = batcher_cls(
         train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
     )
     total_steps = int(config.train.get("steps") or 0) or max(

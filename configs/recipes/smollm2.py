@@ -104,6 +104,7 @@ def get_config(arg=None):
             seq_len=256,
         )
         c.rm.max_responses = 9  # the OpenAssistant trees rank up to 9 sibling replies
+        c.rm.bucket_by_k = True  # HH pairs (K = 2) then cost 2 sequences, not 9
         c.optimizer.lr = 1e-5
         c.train.batch_size = 16
         c.train.epochs = 1.0
