@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from instructrl import evaluate, pipeline, ppo, rm
 
@@ -71,7 +72,14 @@ def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
     for key, value in overrides.items():
         _set(c, key, value)
     stage_dir = os.path.join(workdir, "variants", name)
-    return _once(stage_dir, lambda: rm.run(c, stage_dir))
+
+    def train():
+        start = time.time()
+        rm.run(c, stage_dir)
+        with open(os.path.join(stage_dir, "timing.json"), "w") as f:
+            json.dump({"seconds": round(time.time() - start, 1)}, f)
+
+    return _once(stage_dir, train)
 
 
 def evaluate_policies(

@@ -394,6 +394,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         "invalid_skipped": invalid,
         "too_long_skipped": too_long,
         "train_elements": batcher.size,
+        # Responses scored per epoch: sum of K all-in-one, 2 per pair when shuffled.
+        "train_sequences": int(train_arrays["mask"].sum()),
         "eval_prompts": len(eval_arrays["tokens"]),
         "total_steps": total_steps,
         "pairs": config.rm.pairs,

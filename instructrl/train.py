@@ -163,8 +163,11 @@ def fit(
                 values[f"{prefix}/tokens_per_s"] = throughput.rate()
                 writer.write(done, values)
                 if progress is not None:
+                    # PPO has no single loss: its bar shows the RM score instead.
+                    shown = {k: values[f"{prefix}/{k}"] for k in ("loss", "score", "kl_to_ref")
+                             if f"{prefix}/{k}" in values}  # fmt: skip
                     progress.set_postfix(
-                        loss=f"{values.get(f'{prefix}/loss', float('nan')):.4f}",
+                        **{k: f"{v:.4f}" for k, v in shown.items()},
                         tok_s=f"{values[f'{prefix}/tokens_per_s']:.0f}",
                     )
             for name, (evaluator, every) in evals.items():

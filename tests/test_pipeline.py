@@ -159,9 +159,12 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         for row in results["rows"][1:]:
             assert 0 <= row["win_rate_vs_sft"]["mean"] <= 1
     if name == "rm_batching":
-        steps = {r["pairs"]: r["steps"] for r in results["rows"]}
-        # Shuffled pairs take one step per C(K,2)/batch comparisons: many more per epoch.
-        assert steps["shuffled"] > steps["all_in_one"]
+        rows = {r["pairs"]: r for r in results["rows"]}
+        # Shuffled pairs take one step per C(K,2)/batch comparisons, and score each completion
+        # K-1 times: many more steps and forward passes per epoch.
+        assert rows["shuffled"]["steps"] > rows["all_in_one"]["steps"]
+        assert rows["shuffled"]["forward_passes"] > rows["all_in_one"]["forward_passes"]
+        assert rows["all_in_one"]["wall_s"] > 0
     if name == "overoptimization":
         assert len(results["curve"]) >= 2
     if name == "size":

@@ -334,6 +334,11 @@ def test_build_all_writes_every_dataset_deterministically(tmp_path):
     out = tmp_path / "a"
     sizes = world_datasets.split_sizes(SMALL["scale"])
     assert manifest["counts"]["prompts_rm.jsonl"] == sizes["rm"] == round(33207 * 0.002)
+    more_rm = world_datasets.split_sizes(SMALL["scale"], num_rm_prompts=100)
+    assert (more_rm["rm"], more_rm["rm_valid"]) == (100, 10)
+    assert {k: v for k, v in more_rm.items() if "rm" not in k} == {
+        k: v for k, v in sizes.items() if "rm" not in k
+    }
 
     demos = world_datasets.read_jsonl(out / "sft_train.jsonl")
     assert len(demos) == sizes["sft"]

@@ -59,8 +59,12 @@ def prompt_record(record: dict) -> dict:
     return {"prompt": record["prompt"], **{k: v for k, v in record.items() if k != "prompt"}}
 
 
-def split_sizes(scale: float) -> dict[str, int]:
+def split_sizes(scale: float, num_rm_prompts: int = 0) -> dict[str, int]:
+    """Prompt count of each split: the paper's times ``scale``; ``num_rm_prompts`` > 0 sets
+    the RM split's (its validation split is a tenth of it either way)."""
     sizes = {k: max(1, round(v * scale)) for k, v in PAPER_PROMPT_COUNTS.items()}
+    if num_rm_prompts:
+        sizes["rm"] = int(num_rm_prompts)
     sizes["rm_valid"] = max(1, sizes["rm"] // 10)
     return sizes
 
@@ -142,7 +146,8 @@ def build_all(
         f.write("\n\n".join(docs) + "\n")
 
     prompts = {
-        split: world.sample_prompts(n, prefix=split) for split, n in split_sizes(c.scale).items()
+        split: world.sample_prompts(n, prefix=split)
+        for split, n in split_sizes(c.scale, c.num_rm_prompts).items()
     }
     seen = {r["prompt"] for records in prompts.values() for r in records}
     prompts["eval"] = world.sample_prompts(c.num_eval_prompts, prefix="eval", exclude=seen)

@@ -73,6 +73,9 @@ class WorldConfig:
     # Dataset sizes.
     scale: float = 0.05
     num_eval_prompts: int = 200
+    # RM training prompts; 0 = the paper's 33,207 x scale. The small default ranks more prompts
+    # than its scale gives: its reward model is data-bound (experiments/ptx_vs_ppo).
+    num_rm_prompts: int = 0
     num_pretrain_docs: int = 20000
     num_heldout_per_family: int = 200
     min_responses: int = 4
