@@ -173,3 +173,42 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         # The larger base is its own model: different answers, a different held-out loss.
         assert rows["base_medium"]["pretrain_loss"] != rows["base_small"]["pretrain_loss"]
         assert rows["base_fewshot_medium"]["kl_to_sft"] is None
+
+
+@pytest.mark.parametrize("stage", ["ppo_ptx", "rm"])
+def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
+    """``python -m instructrl.convert --export`` turns a stage's workdir into a directory that
+    transformers loads unchanged, with the same logits (PPO's EMA policy) or rewards (RM)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ml_collections
+
+    from instructrl.convert.__main__ import main as convert_main
+    from instructrl.model import Transformer
+    from instructrl.policy_io import Toolkit
+
+    _, workdir, _, _ = run
+    stage_dir = os.path.join(workdir, stage)
+    out = convert_main(["--export", stage_dir, "--out", str(tmp_path / "hf")])
+    with open(os.path.join(stage_dir, "run_info.json")) as f:
+        tk = Toolkit(ml_collections.ConfigDict(json.load(f)["config"]))
+    head = "scalar" if stage == "rm" else "lm"
+    params = tk.params(stage_dir, head=head)
+    tokens = np.random.default_rng(0).integers(1, tk.tokenizer.vocab_size, (2, 12)).astype(np.int32)
+    special = (tk.tokenizer.pad_id, tk.tokenizer.eos_id)  # HF's classifier stops at a pad id
+    tokens[np.isin(tokens, special)] = next(i for i in range(1, 9) if i not in special)
+    ours = np.asarray(Transformer(tk.cfg, head=head).apply({"params": params}, tokens))
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if head == "scalar"
+        else (transformers.AutoModelForCausalLM)
+    )
+    model = auto.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.float().numpy()
+    if head == "scalar":  # HF scores the last token; our config.json bias is a constant shift
+        bias = json.load(open(os.path.join(out, "config.json")))["instructrl_score_bias"]
+        np.testing.assert_allclose(theirs[:, 0] + bias, ours[:, -1], atol=1e-4)
+    else:
+        np.testing.assert_allclose(theirs, ours[..., : theirs.shape[-1]], atol=1e-4)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))

