@@ -64,10 +64,10 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=seed,
         overrides=dict(
             scale=0.03,  # SFT 382, PPO 934 prompts (paper 13k / 31k)
-            # RM 1500 prompts (paper 33k), 1.5x the scale's 996: the small RM is data-bound
-            # (held-out accuracy 0.544 on 996 rankings, 0.581 on 1930 in one world; twice the
-            # prompts no longer fit the time budget) and PPO is only as good as it is
-            # (experiments/ptx_vs_ppo).
+            # RM 1500 prompts (paper 33k), 1.5x the scale's 996. More rankings lifted one
+            # world's RM from 0.544 to 0.581 validation accuracy (1930 rankings), but full runs
+            # with 1500 and 1992 gave 0.537 and 0.546: between worlds the RM varies by more
+            # than the data helps (experiments/ptx_vs_ppo).
             num_rm_prompts=1500,
             num_pretrain_docs=12000,
             num_eval_prompts=400,  # a 95% interval of about +-0.05 on a win rate
