@@ -79,15 +79,16 @@ def ptx_sweep(config, workdir, tiny):
 
 
 def overoptimization(config, workdir, tiny):
-    """Low KL penalty, long run, frequent held-out evaluation: RM score vs gold score vs KL."""
-    iters = 4 if tiny else 120
+    """No KL penalty, twice the pipeline's iterations, frequent held-out evaluation from the SFT
+    policy on (step 0): RM score and gold score against KL to SFT."""
+    iters = 4 if tiny else 60
     overrides = {
         "ppo.kl_coef": 0.0,
         "ptx.coef": 0.0,
         "ppo.iterations": iters,
-        "evals.policy.every_steps": max(iters // 8, 1),
+        "evals.policy.every_steps": max(iters // 15, 1),
         "evals.policy.use_ema": False,
-        "optimizer.lr": float(config.ppo.optimizer.lr) * 3,
+        "train.eval_at_start": True,
     }
     stage = common.ppo_variant(config, workdir, "overopt", overrides)
     rows = common.ppo_curves(stage)
@@ -104,7 +105,10 @@ def _rm_metrics(stage_dir):
     timing = os.path.join(stage_dir, "timing.json")
     return {
         "elements": info.get("train_elements"),
-        "forward_passes": info.get("train_sequences"),
+        # Completions scored over the whole run (train_sequences is per epoch).
+        "forward_passes": round(info["train_sequences"] * float(info["config"]["train"]["epochs"]))
+        if "train_sequences" in info
+        else None,
         "wall_s": json.load(open(timing))["seconds"] if os.path.exists(timing) else None,
         "train_loss_last": train[-1]["rm/loss"],
         "train_accuracy_last": train[-1].get("rm/accuracy"),
@@ -121,9 +125,10 @@ RM_BATCHING_RANKINGS = 500
 
 def rm_batching(config, workdir, tiny):
     """All C(K,2) pairs of a prompt in one batch element vs shuffled independent pairs, one
-    epoch each over the same rankings (paper section 3.5). Shuffled pairs cost K-1 forward
-    passes per completion, about 6x the compute on our K = 4..9, so the full run uses the first
-    ``RM_BATCHING_RANKINGS`` rankings for both variants (the pipeline's RM row is all of them)."""
+    epoch each over the same rankings (paper section 3.5), plus all-in-one for as many epochs
+    as match shuffled's forward passes. Shuffled pairs cost K-1 forward passes per completion,
+    about 6x the compute on our K = 4..9, so the full run uses the first
+    ``RM_BATCHING_RANKINGS`` rankings for every variant (the pipeline's RM row is all of them)."""
     n = 0 if tiny else RM_BATCHING_RANKINGS
     source = os.path.join(workdir, "rankings", "rankings_train.jsonl")
     subset = os.path.join(workdir, "variants", f"rm_batching_rankings_{n or 'all'}.jsonl")
@@ -139,6 +144,13 @@ def rm_batching(config, workdir, tiny):
         overrides = {"rm.pairs": pairs, "data.path": subset}
         stage = common.rm_variant(config, workdir, f"rm_{pairs}_{n or 'all'}", overrides)
         rows.append({"pairs": pairs, "rankings": n or "all", **_rm_metrics(stage)})
+    # The same compute as shuffled pairs: all-in-one for as many epochs as it takes to score
+    # as many completions (the paper's point is efficiency; one epoch is few updates here).
+    epochs = max(1, round(rows[1]["forward_passes"] / rows[0]["forward_passes"]))
+    overrides = {"rm.pairs": "all_in_one", "data.path": subset, "train.epochs": float(epochs)}
+    stage = common.rm_variant(config, workdir, f"rm_all_in_one_{n or 'all'}_x{epochs}", overrides)
+    rows.append({"pairs": f"all_in_one, {epochs} epochs", "rankings": n or "all",
+                 **_rm_metrics(stage)})  # fmt: skip
     rows.append({"pairs": "all_in_one (pipeline RM)", "rankings": "all",
                  **_rm_metrics(os.path.join(workdir, "rm"))})  # fmt: skip
     cols = ["pairs", "rankings", "elements", "forward_passes", "steps", "wall_s",

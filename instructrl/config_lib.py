@@ -57,7 +57,11 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
         schedule="cosine",
         warmup_init_frac=0.0,
     )
-    c.train = dict(batch_size=16, epochs=1.0, steps=0, log_every=10, progress=True)
+    # eval_at_start: run every evaluator once before the first step (logged at step 0), the
+    # baseline of the curves (e.g. the SFT policy at the start of PPO).
+    c.train = dict(
+        batch_size=16, epochs=1.0, steps=0, log_every=10, progress=True, eval_at_start=False
+    )
     c.checkpoint = dict(every_steps=50, keep=2, async_save=True, select_by="", select_mode="min")
     c.evals = ml_collections.ConfigDict()
     return c

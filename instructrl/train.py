@@ -148,6 +148,12 @@ def fit(
     log_every = int(train_cfg.log_every)
     every_save = max(int(ckpt_cfg.every_steps), 1)
     progress = _progress(start, total_steps, enabled=is_main and train_cfg.get("progress", True))
+    if train_cfg.get("eval_at_start") and start == 0:
+        for evaluator, _ in evals.values():
+            with mesh:
+                results = to_floats(evaluator.run(state))
+            check_finite(results, 0)
+            writer.write(0, results)
     try:
         for step in range(start, total_steps):
             host_batch = batcher.batch(step)

@@ -165,8 +165,16 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         assert rows["shuffled"]["steps"] > rows["all_in_one"]["steps"]
         assert rows["shuffled"]["forward_passes"] > rows["all_in_one"]["forward_passes"]
         assert rows["all_in_one"]["wall_s"] > 0
+        # The compute-matched row scores about as many completions as shuffled pairs do.
+        matched = next(r for r in results["rows"] if r["pairs"].endswith("epochs"))
+        ratio = matched["forward_passes"] / rows["shuffled"]["forward_passes"]
+        assert 0.5 < ratio < 2 and matched["steps"] > rows["all_in_one"]["steps"]
     if name == "overoptimization":
-        assert len(results["curve"]) >= 2
+        curve = results["curve"]
+        assert len(curve) >= 3
+        # The first point is the SFT policy itself (eval_at_start): no KL to itself.
+        assert curve[0]["step"] == 0 and abs(curve[0]["kl_to_sft"]) < 1e-5
+        assert curve[-1]["step"] == results["overrides"]["ppo.iterations"]
     if name == "size":
         rows = {r["model"]: r for r in results["rows"]}
         assert rows["base_medium"]["params"] > 2 * rows["base_small"]["params"]
