@@ -200,7 +200,8 @@ def size(config, workdir, tiny):
         policies,
         model_configs={f"base_{large}": c, f"base_fewshot_{large}": c},  # fmt: skip
     )
-    params = {"small": _param_count(config.sft), large: _param_count(c)}
+    small = pipeline_stage_config(config, workdir, "sft")  # wired: the world's tokenizer
+    params = {"small": _param_count(small), large: _param_count(c)}
     rows = []
     for name in ("sft", *policies):
         size_name = large if name.endswith(large) else "small"
@@ -224,18 +225,11 @@ def pipeline_stage_config(config, workdir, stage):
 
 
 def _param_count(stage_config) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from instructrl.model import Transformer
+    from instructrl.model import count_params
     from instructrl.sft import model_config
     from instructrl.tokenizer import make_tokenizer
 
-    cfg = model_config(stage_config, make_tokenizer(stage_config.tokenizer))
-    shapes = jax.eval_shape(
-        lambda: Transformer(cfg, head="lm").init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    )
-    return int(sum(x.size for x in jax.tree.leaves(shapes)))
+    return count_params(model_config(stage_config, make_tokenizer(stage_config.tokenizer)))
 
 
 EXPERIMENTS = {

@@ -148,12 +148,18 @@ def fit(
     log_every = int(train_cfg.log_every)
     every_save = max(int(ckpt_cfg.every_steps), 1)
     progress = _progress(start, total_steps, enabled=is_main and train_cfg.get("progress", True))
+
+    def evaluate(name, evaluator, state, step):
+        with mesh:
+            results = to_floats(evaluator.run(state))
+        check_finite(results, step)
+        writer.write(step, results)
+        log.info("step %d %s: %s", step, name, results)
+        return results
+
     if train_cfg.get("eval_at_start") and start == 0:
-        for evaluator, _ in evals.values():
-            with mesh:
-                results = to_floats(evaluator.run(state))
-            check_finite(results, 0)
-            writer.write(0, results)
+        for name, (evaluator, _) in evals.items():
+            evaluate(name, evaluator, state, 0)
     try:
         for step in range(start, total_steps):
             host_batch = batcher.batch(step)
@@ -178,11 +184,7 @@ def fit(
                     )
             for name, (evaluator, every) in evals.items():
                 if (every and done % every == 0) or done == total_steps:
-                    with mesh:
-                        results = to_floats(evaluator.run(state))
-                    check_finite(results, done)
-                    writer.write(done, results)
-                    log.info("step %d %s: %s", done, name, results)
+                    results = evaluate(name, evaluator, state, done)
                     if best is not None:
                         best.update(done, results, state)
             if done % every_save == 0 or done == total_steps:
