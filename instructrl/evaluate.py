@@ -1,6 +1,7 @@
 """Evaluation the way the paper does it (section 4; figures 3 and 4; table 14), on the world.
 
-Every model answers the same held-out prompts (never seen in SFT, RM or PPO training):
+Every model answers the same held-out prompts: texts never seen in SFT, RM or PPO training,
+drawn with the world's family mix (``World.sample_prompts(exclude=...)``):
 
   base          the pretrained model, prompt as is (GPT-3 zero-shot)
   base_fewshot  the pretrained model behind solved examples of the same task family

@@ -185,6 +185,27 @@ def test_category_mix_matches_paper_by_default(world):
     assert set(difficulties) == {0, 1, 2}
 
 
+def test_excluded_prompts_are_unseen_and_keep_the_family_mix():
+    """Evaluation prompts: no excluded (training) text, no repeats, and the world's family mix,
+    though most texts of some families are excluded."""
+    w = World.build(seed=0)
+    seen = {r["prompt"] for r in w.sample_prompts(3000, seed=1)}
+    held = w.sample_prompts(400, seed=2, exclude=seen)
+    texts = [r["prompt"] for r in held]
+    assert not set(texts) & seen and len(set(texts)) == len(texts)
+    free = w.sample_prompts(2000, seed=2)
+    repeated = collections.Counter(r["family"] for r in free if r["prompt"] in seen)
+    family, count = repeated.most_common(1)[0]
+    assert count / sum(r["family"] == family for r in free) > 0.6  # most of its texts are seen
+    for f in {r["family"] for r in free}:
+        category = w.family(f).category
+        p = w.config.mix[category] / len(w.families_by_category[category])
+        share = sum(r["family"] == f for r in held) / len(held)
+        assert abs(share - p) < 3 * np.sqrt(p * (1 - p) / len(held)), (f, share, p)
+    with pytest.raises(ValueError, match="no unseen describe_place"):
+        w.sample_prompts(200, seed=3, exclude=seen, family="describe_place", max_tries=2)
+
+
 def test_category_mix_is_configurable():
     w = World.build(seed=0, category_mix={"rewrite": 3.0, "closed_qa": 1.0})
     counts = collections.Counter(r["category"] for r in w.sample_prompts(2000, seed=1))

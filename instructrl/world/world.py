@@ -133,15 +133,14 @@ class World:
         name = record_or_name if isinstance(record_or_name, str) else record_or_name["family"]
         return FAMILY_BY_NAME[name]
 
-    def sample_prompt(
+    def stratum(
         self,
         rng: np.random.Generator,
         category: str | None = None,
         family: str | None = None,
         difficulty: int | None = None,
-        record_id: str = "prompt",
-    ) -> dict:
-        """One prompt record (see ``tasks``); category drawn from the mix unless given."""
+    ) -> tuple[str, int]:
+        """(family, difficulty) of one prompt: category from the mix, family uniform in it."""
         if family is None:
             if category is None:
                 names, weights = zip(*self.config.mix.items(), strict=True)
@@ -151,6 +150,18 @@ class World:
         if difficulty is None:
             weights = np.asarray(self.config.difficulty_weights, np.float64)
             difficulty = int(rng.choice(len(weights), p=weights / weights.sum()))
+        return family, difficulty
+
+    def sample_prompt(
+        self,
+        rng: np.random.Generator,
+        category: str | None = None,
+        family: str | None = None,
+        difficulty: int | None = None,
+        record_id: str = "prompt",
+    ) -> dict:
+        """One prompt record (see ``tasks``); category drawn from the mix unless given."""
+        family, difficulty = self.stratum(rng, category, family, difficulty)
         return FAMILY_BY_NAME[family].make_record(self.kb, rng, difficulty, record_id)
 
     def sample_prompts(
@@ -159,27 +170,42 @@ class World:
         seed: int | np.random.Generator | None = None,
         prefix: str = "prompt",
         exclude: set[str] | None = None,
+        max_tries: int = 1000,
         **kwargs,
     ) -> list[dict]:
         """``num`` prompt records with ids "{prefix}-000000", ...; kwargs as ``sample_prompt``.
 
         ``exclude``: prompt texts not to draw (e.g. the training prompts, so that evaluation
-        prompts are unseen, as the paper holds out whole customers). Raises if the world has
-        too few distinct prompts left.
+        prompts are unseen, as the paper holds out whole customers); the records are then also
+        distinct. Each record's family is drawn from the mix first and its text (difficulty
+        included) is redrawn within that family until unseen: rejecting seen texts outright
+        would skew the set toward families with many distinct prompts (most describe_place
+        prompts of the small default repeat a training prompt, few story prompts do) and away
+        from the paper's category mix. Raises when a family has no unseen text left in
+        ``max_tries`` draws.
         """
         rng = as_rng(self.config.seed if seed is None else seed, f"prompts/{prefix}")
-        out, seen = [], set(exclude or ())
-        for _ in range(100 * num if exclude else num):
-            if len(out) == num:
-                break
-            record = self.sample_prompt(rng, record_id=f"{prefix}-{len(out):06d}", **kwargs)
-            if exclude is not None:
-                if record["prompt"] in seen:
-                    continue
-                seen.add(record["prompt"])
+        if exclude is None:
+            return [
+                self.sample_prompt(rng, record_id=f"{prefix}-{i:06d}", **kwargs) for i in range(num)
+            ]
+        out, seen = [], set(exclude)
+        difficulty = kwargs.pop("difficulty", None)
+        for i in range(num):
+            family, _ = self.stratum(rng, **kwargs, difficulty=0)
+            for _ in range(max_tries):
+                record = self.sample_prompt(
+                    rng, family=family, difficulty=difficulty, record_id=f"{prefix}-{i:06d}"
+                )
+                if record["prompt"] not in seen:
+                    break
+            else:
+                raise ValueError(
+                    f"no unseen {family} prompt in {max_tries} draws ({i} of {num} drawn); "
+                    "shrink the set or enlarge the world"
+                )
+            seen.add(record["prompt"])
             out.append(record)
-        if len(out) < num:
-            raise ValueError(f"only {len(out)} of {num} distinct unseen prompts; shrink the set")
         return out
 
     # ---- answers and the gold rubric -------------------------------------------------------
