@@ -67,7 +67,8 @@ def ptx_vs_ppo(config, workdir, tiny):
 
 
 def kl_sweep(config, workdir, tiny):
-    coefs = (0.0, 0.02) if tiny else (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
+    own = float(config.ppo.ppo.kl_coef)  # the pipeline's PPO: its policy is reused
+    coefs = (0.0, own) if tiny else sorted({0.0, 0.005, 0.02, 0.05, own, 0.2, 1.0})
     variants = {f"kl_{k}": {"ppo.kl_coef": k, "ptx.coef": 0.0} for k in coefs}
     return policy_sweep(config, workdir, "kl_sweep", variants, tiny)
 
@@ -128,28 +129,29 @@ def rm_batching(config, workdir, tiny):
     epoch each over the same rankings (paper section 3.5), plus all-in-one for as many epochs
     as match shuffled's forward passes. Shuffled pairs cost K-1 forward passes per completion,
     about 6x the compute on our K = 4..9, so the full run uses the first
-    ``RM_BATCHING_RANKINGS`` rankings for every variant (the pipeline's RM row is all of them)."""
-    n = 0 if tiny else RM_BATCHING_RANKINGS
+    ``RM_BATCHING_RANKINGS`` rankings for every variant (the pipeline's RM row is all of them;
+    the test suite's tiny run, 48)."""
+    n = 48 if tiny else RM_BATCHING_RANKINGS
     source = os.path.join(workdir, "rankings", "rankings_train.jsonl")
-    subset = os.path.join(workdir, "variants", f"rm_batching_rankings_{n or 'all'}.jsonl")
+    subset = os.path.join(workdir, "variants", f"rm_batching_rankings_{n}.jsonl")
     if not os.path.exists(subset):
         os.makedirs(os.path.dirname(subset), exist_ok=True)
         with open(source) as f:
             lines = f.readlines()
         with open(subset + ".tmp", "w") as f:
-            f.writelines(lines[:n] if n else lines)
+            f.writelines(lines[:n])
         os.replace(subset + ".tmp", subset)
     rows = []
     for pairs in ("all_in_one", "shuffled"):
         overrides = {"rm.pairs": pairs, "data.path": subset}
-        stage = common.rm_variant(config, workdir, f"rm_{pairs}_{n or 'all'}", overrides)
-        rows.append({"pairs": pairs, "rankings": n or "all", **_rm_metrics(stage)})
+        stage = common.rm_variant(config, workdir, f"rm_{pairs}_{n}", overrides)
+        rows.append({"pairs": pairs, "rankings": n, **_rm_metrics(stage)})
     # The same compute as shuffled pairs: all-in-one for as many epochs as it takes to score
     # as many completions (the paper's point is efficiency; one epoch is few updates here).
     epochs = max(1, round(rows[1]["forward_passes"] / rows[0]["forward_passes"]))
     overrides = {"rm.pairs": "all_in_one", "data.path": subset, "train.epochs": float(epochs)}
-    stage = common.rm_variant(config, workdir, f"rm_all_in_one_{n or 'all'}_x{epochs}", overrides)
-    rows.append({"pairs": f"all_in_one, {epochs} epochs", "rankings": n or "all",
+    stage = common.rm_variant(config, workdir, f"rm_all_in_one_{n}_x{epochs}", overrides)
+    rows.append({"pairs": f"all_in_one, {epochs} epochs", "rankings": n,
                  **_rm_metrics(stage)})  # fmt: skip
     rows.append({"pairs": "all_in_one (pipeline RM)", "rankings": "all",
                  **_rm_metrics(os.path.join(workdir, "rm"))})  # fmt: skip

@@ -15,7 +15,8 @@ and is judged by the *held-out* labelers (figure 3's held-out workers), one labe
   attribute rates  the labelers' metadata flags of figure 4 (follows_instruction,
                    satisfies_constraints, hallucination (closed-domain prompts only),
                    truthful, toxic, appropriate_for_customer_assistant)
-and measured against ground truth: gold_score (the world's rubric), rm_score (the normalized
+and measured against ground truth: gold_score (the world's rubric; by_family splits it and the
+win rate by task family), rm_score (the normalized
 reward model), kl_to_sft (sum over response tokens of log pi - log pi_SFT on the model's own
 answers), and the alignment tax (table 14): pretrain_loss on held-out pretraining documents
 and few-shot scores on the held-out "public NLP" families no stage ever trains on.
@@ -88,6 +89,16 @@ def judge(world, records: list[dict], responses: list[str], sft_responses: list[
     out.update({k: float(np.mean(v)) if v else None for k, v in flags.items()})
     out["gold_attributes"] = {k: float(np.mean(v)) if v else None for k, v in gold_attr.items()}
     out["response_words"] = float(np.mean([len(r.split()) for r in responses]))
+    families = np.asarray([r["family"] for r in records])
+    wins, gold = np.asarray(wins, np.float64), np.asarray(gold, np.float64)
+    out["by_family"] = {
+        str(f): {
+            "n": int((families == f).sum()),
+            "win_rate_vs_sft": float(wins[families == f].mean()),
+            "gold_score": float(gold[families == f].mean()),
+        }
+        for f in sorted(set(families))
+    }
     return out
 
 

@@ -3,7 +3,8 @@
 report.json:
   models.<name> (base, base_fewshot, sft, ppo, ppo_ptx): win_rate_vs_sft {mean, low, high, n},
       likert, gold_score, rm_score, kl_to_sft, pretrain_loss, one key per attribute rate
-      (evaluate.ATTRIBUTES), gold_attributes, fewshot_heldout {mean, <family>...}
+      (evaluate.ATTRIBUTES), gold_attributes, fewshot_heldout {mean, <family>...},
+      by_family.<family> {n, win_rate_vs_sft, gold_score}
   reward_model: accuracy and log loss on validation rankings by training and by held-out
       labelers, and the labelers' own agreement on the same comparisons
   curves.<ppo|ppo_ptx>: per-iteration RM score, KL to SFT, total reward, ptx loss
@@ -131,6 +132,20 @@ def markdown(report: dict) -> str:
     out.append("|---" * (len(names) + 1) + "|")
     for a in ATTRIBUTES:
         out.append(f"| {a} | " + " | ".join(_fmt(report["models"][n].get(a)) for n in names) + " |")
+    fams = sorted(report["models"]["sft"].get("by_family") or {})
+    if fams:
+        out += ["", "## By task family (win rate vs SFT / gold score)", ""]
+        out.append("| family | n | " + " | ".join(names) + " |")
+        out.append("|---" * (len(names) + 2) + "|")
+        for f in fams:
+            cells = []
+            for n in names:
+                row = (report["models"][n].get("by_family") or {}).get(f)
+                cells.append(
+                    f"{row['win_rate_vs_sft']:.2f} / {row['gold_score']:.2f}" if row else "-"
+                )
+            n_f = report["models"]["sft"]["by_family"][f]["n"]
+            out.append(f"| {f} | {n_f} | " + " | ".join(cells) + " |")
     if "alignment_tax" in report:
         out += ["", "## Alignment tax (table 14 analog; the change from SFT is in report.json)", ""]
         fams = sorted(

@@ -89,13 +89,18 @@ def test_report_has_every_model_and_key(run):
             assert key in m, (name, key)
         w = m["win_rate_vs_sft"]
         assert 0 <= w["low"] <= w["mean"] <= w["high"] <= 1
+        # The per-family split partitions the prompts: its n-weighted means are the totals.
+        fam = m["by_family"].values()
+        assert sum(f["n"] for f in fam) == w["n"]
+        for key, total in (("win_rate_vs_sft", w["mean"]), ("gold_score", m["gold_score"])):
+            np.testing.assert_allclose(sum(f["n"] * f[key] for f in fam) / w["n"], total)
     # SFT against itself: every comparison is a tie.
     assert rep["models"]["sft"]["win_rate_vs_sft"]["mean"] == 0.5
     assert rep["models"]["sft"]["kl_to_sft"] == 0.0
     assert "accuracy_heldout_labelers" in rep["reward_model"]
     assert rep["curves"]["ppo"]["step"] and rep["curves"]["ppo_ptx"]["ptx_loss"]
     md = open(os.path.join(workdir, "report.md")).read()
-    assert "| ppo_ptx |" in md and "Alignment tax" in md
+    assert "| ppo_ptx |" in md and "Alignment tax" in md and "By task family" in md
     for png in ("reward_kl_curves", "win_rates", "attributes", "alignment_tax"):
         assert os.path.getsize(os.path.join(workdir, "plots", png + ".png")) > 1000
 
