@@ -133,24 +133,17 @@ class World:
         name = record_or_name if isinstance(record_or_name, str) else record_or_name["family"]
         return FAMILY_BY_NAME[name]
 
-    def stratum(
-        self,
-        rng: np.random.Generator,
-        category: str | None = None,
-        family: str | None = None,
-        difficulty: int | None = None,
-    ) -> tuple[str, int]:
-        """(family, difficulty) of one prompt: category from the mix, family uniform in it."""
+    def draw_family(
+        self, rng: np.random.Generator, category: str | None = None, family: str | None = None
+    ) -> str:
+        """A task family: the category from the mix unless given, the family uniform in it."""
         if family is None:
             if category is None:
                 names, weights = zip(*self.config.mix.items(), strict=True)
                 category = names[rng.choice(len(names), p=np.asarray(weights))]
             options = self.families_by_category[category]
             family = options[int(rng.integers(len(options)))].name
-        if difficulty is None:
-            weights = np.asarray(self.config.difficulty_weights, np.float64)
-            difficulty = int(rng.choice(len(weights), p=weights / weights.sum()))
-        return family, difficulty
+        return family
 
     def sample_prompt(
         self,
@@ -161,7 +154,10 @@ class World:
         record_id: str = "prompt",
     ) -> dict:
         """One prompt record (see ``tasks``); category drawn from the mix unless given."""
-        family, difficulty = self.stratum(rng, category, family, difficulty)
+        family = self.draw_family(rng, category, family)
+        if difficulty is None:
+            weights = np.asarray(self.config.difficulty_weights, np.float64)
+            difficulty = int(rng.choice(len(weights), p=weights / weights.sum()))
         return FAMILY_BY_NAME[family].make_record(self.kb, rng, difficulty, record_id)
 
     def sample_prompts(
@@ -190,12 +186,14 @@ class World:
                 self.sample_prompt(rng, record_id=f"{prefix}-{i:06d}", **kwargs) for i in range(num)
             ]
         out, seen = [], set(exclude)
-        difficulty = kwargs.pop("difficulty", None)
         for i in range(num):
-            family, _ = self.stratum(rng, **kwargs, difficulty=0)
+            family = self.draw_family(rng, kwargs.get("category"), kwargs.get("family"))
             for _ in range(max_tries):
                 record = self.sample_prompt(
-                    rng, family=family, difficulty=difficulty, record_id=f"{prefix}-{i:06d}"
+                    rng,
+                    family=family,
+                    difficulty=kwargs.get("difficulty"),
+                    record_id=f"{prefix}-{i:06d}",
                 )
                 if record["prompt"] not in seen:
                     break
