@@ -16,14 +16,14 @@ from instructrl import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg)
+    args = config_lib.parse_arg(arg, model="tiny", data="", world=False, ptx=False,
+                                paper=False, runlocal=False)  # fmt: skip
     c = config_lib.base_config()
     c.stage = "ppo"
-    c.model.preset = args.get("model", "tiny")
-    c.data = dict(
-        path=str(args.get("data", "")), template="{prompt}\n\n", max_prompt_len=96, eval_prompts=32
-    )
-    c.world = ml_collections.ConfigDict({"seed": 0}) if args.get("world") else None
+    c.model.preset = args.model
+    c.data = dict(path=args.data, template="{prompt}\n\n", max_prompt_len=96, eval_prompts=32)
+    # The synthetic world of the prompts ({seed, overrides}): its gold rubric scores samples.
+    c.world = ml_collections.ConfigDict({"seed": 0, "overrides": {}}) if args.world else None
     c.ppo = dict(
         reward_model="",
         value_from="",
@@ -49,7 +49,7 @@ def get_config(arg=None):
         top_p=1.0,
     )
     c.ptx = dict(
-        coef=27.8 if args.get("ptx") else 0.0,
+        coef=27.8 if args.ptx else 0.0,
         multiplier=8,  # pretraining rows per RL episode (paper: 8)
         seq_len=128,
         eval_rows=64,  # held out of PPO-ptx updates; the ppo_pretrain evaluator reads them
@@ -73,7 +73,7 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 10
     c.evals.policy = dict(type="ppo_eval", every_steps=10, use_ema=True)
     c.evals.pretrain = dict(type="ppo_pretrain", every_steps=10, use_ema=True)
-    if args.get("paper"):
+    if args.paper:
         c.ppo.iterations = 256_000 // 512  # 256k episodes
         c.ppo.batch_size = 512
         c.ppo.num_minibatches = 8
@@ -90,7 +90,7 @@ def get_config(arg=None):
         c.value_optimizer.lr = 9e-6
         c.value_optimizer.warmup_steps = 10 * 8
         c.model.dtype = "bfloat16"
-    if args.get("runlocal"):
+    if args.runlocal:
         c.ppo.iterations = 6
         c.ppo.batch_size = 16
         c.ppo.num_minibatches = 2

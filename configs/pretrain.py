@@ -8,15 +8,15 @@ from instructrl import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg)
+    args = config_lib.parse_arg(
+        arg, model="tiny", text=config_lib.asset("tinystories-excerpt.txt"), runlocal=False
+    )
     c = config_lib.base_config()
     c.stage = "pretrain"
-    c.model.preset = args.get("model", "tiny")
+    c.model.preset = args.model
     c.data = dict(
         kind="text",
-        text_files=str(args["text"]).split("+")
-        if "text" in args
-        else [config_lib.asset("tinystories-excerpt.txt")],
+        text_files=args.text.split("+"),
         seq_len=128,
         packing=False,  # True: one document per segment instead of contiguous windows
         eval_examples=16,
@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.evals.heldout = dict(type="heldout_loss", every_steps=100, batch_size=16)
     c.evals.samples = dict(type="samples", every_steps=0, max_new_tokens=48)
     c.checkpoint.select_by = "eval/loss"
-    if args.get("runlocal"):
+    if args.runlocal:
         c.train.steps = 120
         c.train.log_every = 10
         c.checkpoint.every_steps = 40

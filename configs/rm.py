@@ -12,12 +12,14 @@ from instructrl import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg)
+    args = config_lib.parse_arg(
+        arg, model="", data="", pairs="all_in_one", tokenizer="", runlocal=False, paper=False
+    )
     c = config_lib.base_config()
     c.stage = "rm"
-    c.model.preset = args.get("model", "tiny")
+    c.model.preset = args.model or ("gpt3-6.7b" if args.paper else "tiny")
     c.data = dict(
-        path=str(args.get("data", "")),
+        path=args.data,
         format="auto",
         eval_paths=[],
         heldout_labelers=[],  # empty: eval labelers absent from the training rankings
@@ -28,7 +30,7 @@ def get_config(arg=None):
         skip_invalid=True,
     )
     c.rm = dict(
-        pairs=str(args.get("pairs", "all_in_one")),  # or "shuffled" (ablation)
+        pairs=args.pairs,  # or "shuffled" (ablation)
         max_responses=9,
         # Batches of like K, slots trimmed to the largest ranking (rm.RankingBatcher): much
         # cheaper for K = 2 pairs mixed with K-way rankings; off, every prompt pads to 9.
@@ -44,18 +46,15 @@ def get_config(arg=None):
     c.train.epochs = 1.0
     c.evals.heldout = dict(type="rm_accuracy", every_steps=0, batch_size=16)
     c.checkpoint.select_by = ""
-    if args.get("paper"):
+    if args.paper:
         # Appendix C.2: a 6B RM from the SFT model, one epoch, lr 9e-6, cosine to 10% of peak,
         # no warmup, batch 64 prompts (each with all its C(K,2) comparisons).
-        c.model.preset = args.get("model", "gpt3-6.7b")
         c.model.dtype = "bfloat16"
         c.model.max_len = 2048
         c.data.seq_len = 2048
         c.optimizer.lr = 9e-6
-        c.tokenizer = dict(
-            kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token=""
-        )
-    if args.get("runlocal"):
+        c.tokenizer = dict(kind="hf", path=args.tokenizer, eos_token="", pad_token="")
+    if args.runlocal:
         c.train.batch_size = 16
         c.checkpoint.every_steps = 20
         c.train.log_every = 5

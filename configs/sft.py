@@ -13,14 +13,17 @@ from instructrl import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg)
+    args = config_lib.parse_arg(
+        arg, model="", data=config_lib.asset("alpaca-excerpt.json"), tokenizer="",
+        runlocal=False, paper=False,
+    )  # fmt: skip
     c = config_lib.base_config()
     c.stage = "sft"
-    c.model.preset = args.get("model", "tiny")
+    c.model.preset = args.model or ("gpt3-1.3b" if args.paper else "tiny")
     c.model.dropout = 0.2
     c.data = dict(
         kind="demonstrations",
-        path=str(args.get("data", config_lib.asset("alpaca-excerpt.json"))),
+        path=args.data,
         format="auto",  # data.sources: prompt_response, alpaca, self_instruct, oasst
         template="{prompt}\n\n",
         chat_format="",  # data.formats.CHAT_PRESETS name (chatml, hh, ...); "" = template
@@ -41,18 +44,15 @@ def get_config(arg=None):
     c.evals.heldout = dict(type="heldout_loss", every_steps=200, batch_size=16)
     c.evals.samples = dict(type="samples", every_steps=0, max_new_tokens=48)
     c.checkpoint.select_by = "eval/loss"
-    if args.get("paper"):
+    if args.paper:
         # Appendix C.1 (1.3B and 6B): lr 9.65e-6, batch 32, 16 epochs, cosine to 10%, no warmup.
-        c.model.preset = args.get("model", "gpt3-1.3b")
         c.model.dtype = "bfloat16"
         c.model.max_len = 2048
         c.data.seq_len = 2048
         c.optimizer.lr = 9.65e-6
         c.train.batch_size = 32
-        c.tokenizer = dict(
-            kind="hf", path=str(args.get("tokenizer", "")), eos_token="", pad_token=""
-        )
-    if args.get("runlocal"):
+        c.tokenizer = dict(kind="hf", path=args.tokenizer, eos_token="", pad_token="")
+    if args.runlocal:
         c.model.dropout = 0.1
         c.train.epochs = 0.0
         c.train.steps = 60

@@ -12,13 +12,15 @@ import json
 import os
 import time
 
-from instructrl import evaluate, pipeline, ppo, rm
+from instructrl import config_lib, evaluate, pipeline, ppo, rm
+from instructrl.train import is_done, mark_done
 
 SHARED = ("world", "pretrain", "sft", "rankings", "rm")
 
 
-def base_config(tiny: bool):
-    return pipeline.default_config("runlocal" if tiny else None)
+def base_config(tiny: bool, seed: int = 0):
+    """The pipeline's config (configs/pipeline.py), at ``runlocal`` sizes with ``tiny``."""
+    return config_lib.load_config(f"pipeline:seed={seed}" + (",runlocal" if tiny else ""))
 
 
 def shared_stages(config, workdir: str) -> None:
@@ -26,6 +28,11 @@ def shared_stages(config, workdir: str) -> None:
     c = config.copy_and_resolve_references()
     c.stages = list(SHARED)
     pipeline.run(c, workdir)
+
+
+def stage_config(config, workdir: str, stage: str):
+    """One stage's config as the pipeline resolves it in ``workdir`` (paths wired)."""
+    return pipeline.resolve(config, workdir)[stage]
 
 
 def _set(cfg, dotted: str, value) -> None:
@@ -36,12 +43,10 @@ def _set(cfg, dotted: str, value) -> None:
 
 
 def _once(stage_dir: str, fn) -> str:
-    done = os.path.join(stage_dir, "DONE")
-    if not os.path.exists(done):
+    if not is_done(stage_dir):
         os.makedirs(stage_dir, exist_ok=True)
         fn()
-        with open(done, "w") as f:
-            f.write("done\n")
+        mark_done(stage_dir)
     return stage_dir
 
 
@@ -52,15 +57,16 @@ def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
     Variants are keyed by their effective settings, so experiments that ask for the same
     policy (the pipeline's own PPO and PPO-ptx included) share one training run.
     """
-    c = pipeline.wire(config, workdir).ppo
+    resolved = pipeline.resolve(config, workdir)
+    c = resolved["ppo"]
     for key, value in overrides.items():
         _set(c, key, value)
     settings = {"ppo.kl_coef": float(c.ppo.kl_coef), "ptx.coef": float(c.ptx.coef)}
     settings.update({k: v for k, v in overrides.items() if k not in settings})
     for stage in ("ppo", "ppo_ptx"):
-        own = {"ppo.kl_coef": float(config[stage].ppo.kl_coef),
-               "ptx.coef": float(config[stage].ptx.coef)}  # fmt: skip
-        if settings == own and os.path.exists(os.path.join(workdir, stage, "DONE")):
+        own = {"ppo.kl_coef": float(resolved[stage].ppo.kl_coef),
+               "ptx.coef": float(resolved[stage].ptx.coef)}  # fmt: skip
+        if settings == own and is_done(os.path.join(workdir, stage)):
             return os.path.join(workdir, stage)
     key = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
     stage_dir = os.path.join(workdir, "variants", key)
@@ -68,7 +74,7 @@ def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
 
 
 def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
-    c = pipeline.wire(config, workdir).rm
+    c = stage_config(config, workdir, "rm")
     for key, value in overrides.items():
         _set(c, key, value)
     stage_dir = os.path.join(workdir, "variants", name)
@@ -82,18 +88,13 @@ def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
     return _once(stage_dir, train)
 
 
-def evaluate_policies(
-    config, workdir: str, experiment: str, policies: dict[str, str], model_configs=None
-) -> dict:
-    """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT
-    (``model_configs``: {name: stage config} for models not shaped like the SFT policy)."""
+def evaluate_policies(config, workdir: str, experiment: str, policies: dict[str, str]) -> dict:
+    """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT; each model
+    is built from its own workdir's config (a larger base model included)."""
     out_dir = os.path.join(workdir, "eval_" + experiment)
-    os.makedirs(out_dir, exist_ok=True)
     models = {"sft": os.path.join(workdir, "sft"), **policies}
-    wired = pipeline.wire(config, workdir)
-    return evaluate.run(wired, workdir, out_dir, models=models, model_configs=model_configs)[
-        "models"
-    ]
+    section = stage_config(config, workdir, "evaluate")
+    return evaluate.run(section, out_dir, models=models)["models"]
 
 
 def ppo_curves(stage_dir: str) -> list[dict]:

@@ -67,7 +67,7 @@ def ptx_vs_ppo(config, workdir, tiny):
 
 
 def kl_sweep(config, workdir, tiny):
-    own = float(config.ppo.ppo.kl_coef)  # the pipeline's PPO: its policy is reused
+    own = float(config.rl.ppo.kl_coef)  # the pipeline's PPO: its policy is reused
     coefs = (0.0, own) if tiny else sorted({0.0, 0.005, 0.02, 0.05, own, 0.2, 1.0})
     variants = {f"kl_{k}": {"ppo.kl_coef": k, "ptx.coef": 0.0} for k in coefs}
     return policy_sweep(config, workdir, "kl_sweep", variants, tiny)
@@ -180,13 +180,13 @@ def size(config, workdir, tiny):
     """(e) The small RLHF policies against a larger base model, pretrained on the same text for
     the same steps, prompted zero-shot and few-shot; all judged against the small SFT policy
     (paper: 1.3B InstructGPT preferred over 175B GPT-3, prompted or not)."""
-    from instructrl import main
+    from instructrl import sft
 
     large = "medium"
-    c = pipeline_stage_config(config, workdir, "pretrain")
+    c = common.stage_config(config, workdir, "pretrain")
     c.model.preset = large
     stage = os.path.join(workdir, "variants", f"pretrain_{large}")
-    common._once(stage, lambda: main.run_stage(c, stage))
+    common._once(stage, lambda: sft.run(c, stage))
     policies = {
         "ppo": common.ppo_variant(config, workdir, "ppo", {"ptx.coef": 0.0}),
         "ppo_ptx": common.ppo_variant(config, workdir, "ppo_ptx", {"ptx.coef": config.ptx_coef}),
@@ -195,14 +195,8 @@ def size(config, workdir, tiny):
         f"base_{large}": stage,
         f"base_fewshot_{large}": stage,
     }
-    models = common.evaluate_policies(
-        config,
-        workdir,
-        "size",
-        policies,
-        model_configs={f"base_{large}": c, f"base_fewshot_{large}": c},  # fmt: skip
-    )
-    small = pipeline_stage_config(config, workdir, "sft")  # wired: the world's tokenizer
+    models = common.evaluate_policies(config, workdir, "size", policies)
+    small = common.stage_config(config, workdir, "sft")  # wired: the world's tokenizer
     params = {"small": _param_count(small), large: _param_count(c)}
     rows = []
     for name in ("sft", *policies):
@@ -220,15 +214,9 @@ def size(config, workdir, tiny):
     return {"rows": rows, "models": models, "params": params}, md
 
 
-def pipeline_stage_config(config, workdir, stage):
-    from instructrl import pipeline
-
-    return pipeline.wire(config, workdir)[stage].copy_and_resolve_references()
-
-
 def _param_count(stage_config) -> int:
     from instructrl.model import count_params
-    from instructrl.sft import model_config
+    from instructrl.presets import model_config
     from instructrl.tokenizer import make_tokenizer
 
     return count_params(model_config(stage_config, make_tokenizer(stage_config.tokenizer)))

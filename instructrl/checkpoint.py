@@ -4,7 +4,7 @@ Resume order (every stage):
   1. a checkpoint in ``workdir/checkpoints``: full resume (params, optimizer state, step; the
      data position is a function of the step, so the run continues on the exact next batch);
   2. else ``init_from``: params only, from another stage's workdir (SFT -> RM, SFT + RM -> PPO)
-     or a pretrained file (``hf:DIR``, ``gguf:FILE``: ``instructrl.convert``);
+     or a pretrained file (``hf:DIR``, ``gguf:FILE``: ``convert.load_params`` reads all three);
   3. else the freshly initialized state.
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact.
@@ -35,6 +35,31 @@ def manager(directory: str, keep: int = 2, async_save: bool = True):
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
     """Save a dict of arrays (e.g. {"step", "params", "opt_state"}); async when configured."""
     return mngr.save(step, args=ocp.args.PyTreeSave(state), force=force)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir restores; the message names each one tried."""
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict) -> tuple[dict | None, int]:
+    """(state, step) of the newest checkpoint that restores, or (None, 0) when there is none.
+
+    A checkpoint that fails to restore (a flipped byte, a truncated file) is skipped with a
+    warning naming it, and the next older one is tried; when every one fails, CheckpointError
+    names them all rather than starting over and overwriting them.
+    """
+    failures = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return restore(mngr, step, abstract_state), step
+        except Exception as e:  # orbax / tensorstore raise many kinds; each is a bad checkpoint
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            path = os.path.join(str(mngr.directory), str(step))
+            log.warning("checkpoint %s does not restore (%s); trying an older one", path, reason)
+            failures.append(f"{path} ({reason})")
+    if failures:
+        raise CheckpointError("no checkpoint restores: " + "; ".join(failures))
+    return None, 0
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> dict:
@@ -79,14 +104,11 @@ def params_source(workdir: str) -> tuple[str, int]:
 def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
     """Params (only) of another stage's workdir (``params_source``), restored into the
     shardings of ``abstract_params``. ``abstract_params`` may be a sub-tree of that stage's
-    params (e.g. the trunk without the LM head); extra saved entries are ignored.
-    ``hf:DIR`` / ``gguf:FILE`` read a pretrained model straight into those shardings."""
-    if workdir.startswith(("hf:", "gguf:")):
-        from instructrl import convert
-
-        return convert.load_params(workdir, abstract_params)
+    params (e.g. the trunk without the LM head); extra saved entries are ignored."""
     directory, step = params_source(workdir)
-    mngr = ocp.CheckpointManager(directory)
+    # A single-item manager: reading the metadata needs the item's handler (without one orbax
+    # warns that the item "could not be restored", though the restore below works).
+    mngr = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())
     saved = mngr.item_metadata(step)
     saved_tree = saved.tree if hasattr(saved, "tree") else saved
     if saved_tree is not None and key in saved_tree:

@@ -30,26 +30,15 @@ import os
 
 import numpy as np
 
-from instructrl.policy_io import Toolkit, sequence_kl
+from instructrl import scoring
+from instructrl.policy_io import Toolkit
+from instructrl.train import is_done
+from instructrl.world import World, heldout
+from instructrl.world.datasets import read_jsonl
+from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "base_fewshot", "sft", "ppo", "ppo_ptx")
-MODEL_STAGE = {
-    "base": "pretrain",
-    "base_fewshot": "pretrain",
-    "sft": "sft",
-    "ppo": "ppo",
-    "ppo_ptx": "ppo_ptx",
-}
-ATTRIBUTES = (
-    "follows_instruction",
-    "satisfies_constraints",
-    "hallucination",
-    "truthful",
-    "toxic",
-    "appropriate_for_customer_assistant",
-)
 FEWSHOT_STOP = "###"
 
 
@@ -104,8 +93,6 @@ def judge(world, records: list[dict], responses: list[str], sft_responses: list[
 
 def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, seed: int) -> dict:
     """Few-shot score per held-out family (the alignment-tax benchmarks) and their mean."""
-    from instructrl.world import heldout
-
     prompts = [heldout.fewshot_prompt(world, item, shots, seed=seed) for item in items]
     scores = np.zeros(len(items))
     choice_idx = [i for i, it in enumerate(items) if it["choices"]]
@@ -131,88 +118,81 @@ def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, se
     return {"mean": float(np.mean(list(by_family.values()))), **by_family}
 
 
-def run(
-    config,
-    workdir: str,
-    stage_dir: str,
-    models: dict[str, str] | None = None,
-    model_configs: dict | None = None,
-) -> dict:
-    """Evaluate models on the world's held-out prompts; writes stage_dir/evaluation.json and
-    stage_dir/samples_<model>.jsonl; returns the evaluation dict.
+def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
+    """Evaluate models on the world's held-out prompts; writes workdir/evaluation.json and
+    workdir/samples_<model>.jsonl; returns the evaluation dict.
 
-    models: {name: stage workdir}; default: every model of MODELS whose stage finished under
-    ``workdir``. "sft" is required (the win-rate baseline); a name starting with
-    "base_fewshot" is prompted few-shot.
-    model_configs: {name: stage config} for models whose shape differs from the SFT policy's
-    (e.g. a larger base model, experiment (e)); they must share its tokenizer.
+    config: the stage's section (configs/pipeline.py ``evaluate``): sampling settings, the
+    ``world`` {seed, overrides} and ``world_dir``, ``models`` {name: stage workdir} (those
+    not DONE are skipped), ``reward_model`` (a workdir or ""), ``lm_seq_len`` (the
+    pretraining rows of the held-out loss). ``models`` overrides the section's. "sft" is
+    required (the win-rate baseline); a name starting with "base_fewshot" is prompted few-shot.
+    Every model is built from its own workdir's config, so models of different shapes (a larger
+    base, experiment (e)) compare on the same prompts; they must share the SFT tokenizer.
     """
-    from instructrl.pipeline import build_world
-    from instructrl.world.datasets import read_jsonl
-
-    e = config.evaluate
-    world = build_world(config)
-    tk = Toolkit(config.sft, batch_size=int(e.batch_size))
-    toolkits = {
-        m: Toolkit(c, batch_size=int(e.batch_size)) for m, c in (model_configs or {}).items()
-    }
-    tk_of = lambda m: toolkits.get(m, tk)  # noqa: E731
-    template = config.sft.data.get("template", "{prompt}\n\n")
-    records = read_jsonl(os.path.join(workdir, "world", "prompts_eval.jsonl"))
+    e = config
+    os.makedirs(workdir, exist_ok=True)
+    world = World.from_config(e.world)
+    models = dict(models if models is not None else e.models)
+    models = {m: d for m, d in models.items() if is_done(d)}
+    if "sft" not in models:
+        raise FileNotFoundError(f"evaluate: no finished sft stage among {sorted(models)}")
+    toolkits: dict = {}
+    tk_of = {m: Toolkit.from_workdir(d, int(e.batch_size), toolkits) for m, d in models.items()}
+    tk = tk_of["sft"]
+    template = tk.template
+    records = read_jsonl(os.path.join(e.world_dir, "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
-    stage = lambda name: os.path.join(workdir, name)  # noqa: E731
-    if models is None:
-        models = {
-            m: stage(MODEL_STAGE[m])
-            for m in MODELS
-            if os.path.exists(os.path.join(stage(MODEL_STAGE[m]), "DONE"))
-        }
-    available = list(models)
-    if "sft" not in available:
-        raise FileNotFoundError(f"evaluate: no finished sft stage under {workdir}")
-    params = {m: tk_of(m).params(d) for m, d in models.items()}
-    rm_params = tk.params(stage("rm"), head="scalar") if os.path.exists(stage("rm/DONE")) else None
+    params = {m: tk_of[m].params(d) for m, d in models.items()}
+    rm_dir = e.get("reward_model") or ""
+    rm_params = tk.params(rm_dir, head="scalar") if rm_dir and is_done(rm_dir) else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
-    items = read_jsonl(os.path.join(workdir, "world", "heldout_tasks.jsonl"))
+    items = read_jsonl(os.path.join(e.world_dir, "heldout_tasks.jsonl"))
+    sampling = scoring.Sampling(
+        float(e.temperature), int(e.get("top_k", 0)), float(e.get("top_p", 1.0))
+    )
     sample_kwargs = dict(
-        max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), seed=int(e.seed)
+        max_new_tokens=int(e.max_new_tokens),
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        seed=int(e.seed),
     )
 
     batches = {}
-    for m in available:
+    for m in models:
         if m.startswith("base_fewshot"):
             shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-            b = tk_of(m).sample(params[m], shots, template=template, **sample_kwargs)
+            b = tk_of[m].sample(params[m], shots, template=template, **sample_kwargs)
             # The answer ends at the separator; it is judged as a response to the prompt.
             texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
             b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
         else:
-            b = tk_of(m).sample(params[m], prompts, template=template, **sample_kwargs)
+            b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
         batches[m] = b
-        with open(os.path.join(stage_dir, f"samples_{m}.jsonl"), "w") as f:
+        with open(os.path.join(workdir, f"samples_{m}.jsonl"), "w") as f:
             for r, text in zip(records, b.texts, strict=True):
                 f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n")
 
     results = {}
     sft_texts = batches["sft"].texts
-    for m in available:
+    for m in models:
         b = batches[m]
         res = judge(world, records, b.texts, sft_texts)
         if m.startswith("base_fewshot"):
             res["kl_to_sft"] = None  # its answers were sampled under another prompt
         else:
-            logprobs = tk_of(m).logprobs(params[m], b)
-            kl = sequence_kl(logprobs, tk.logprobs(params["sft"], b), b.mask)
-            res["kl_to_sft"] = float(kl.mean())
+            logprobs = tk_of[m].logprobs(params[m], b, sampling)
+            ref = tk.logprobs(params["sft"], b, sampling.reference())
+            res["kl_to_sft"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
         res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
-        seq_len = int(config.pretrain.data.seq_len)
-        res["pretrain_loss"] = tk_of(m).lm_loss(params[m], docs, seq_len)
+        res["pretrain_loss"] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
         twin = m.replace("base_fewshot", "base")  # the same weights, prompted zero-shot
         if m.startswith("base_fewshot") and twin in results:
             res["fewshot_heldout"] = results[twin]["fewshot_heldout"]
         else:
             res["fewshot_heldout"] = heldout_scores(
-                tk_of(m), params[m], world, items, int(e.heldout_shots), int(e.seed)
+                tk_of[m], params[m], world, items, int(e.heldout_shots), int(e.seed)
             )
         results[m] = res
         log.info(
@@ -220,7 +200,13 @@ def run(
             m,
             json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}),
         )
-    out = {"models": results, "num_prompts": len(records), "settings": e.to_dict()}
-    with open(os.path.join(stage_dir, "evaluation.json"), "w") as f:
+    settings = {k: v for k, v in e.to_dict().items() if k not in ("world", "models")}
+    out = {
+        "models": results,
+        "num_prompts": len(records),
+        "attributes": list(ATTRIBUTES),
+        "settings": settings,
+    }
+    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out

@@ -198,7 +198,8 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 
 
 def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean entropy of the token distributions (B, T, V) over masked positions."""
+    """Mean entropy of the token distributions (B, T, V) over masked positions; tokens a
+    top-k / top-p filter excluded (logit -inf) contribute 0."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    ent = -(jnp.exp(logp) * logp).sum(-1)
+    ent = -jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0).sum(-1)
     return masked_mean(ent, mask)

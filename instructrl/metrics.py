@@ -1,10 +1,13 @@
-"""Metrics to JSONL and TensorBoard, a progress bar with tokens/s, and loud NaN/Inf failures."""
+"""Metrics to JSONL and TensorBoard, loud NaN/Inf failures, stage timers and a progress line."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -62,18 +65,95 @@ class MetricWriter:
             self._tb.close()
 
 
-class Throughput:
-    """Tokens per second between calls."""
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Drop the rows of a JSONL log whose "step" is beyond ``max_step`` (a resumed run logs
+    them again); atomic, a no-op when nothing is dropped."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    if len(kept) != len([line for line in lines if line.strip()]):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+class Timers:
+    """Seconds spent per named part of a run (compile, host data, device step, evaluation,
+    checkpointing, logging, and a stage's own phases), accumulated."""
 
     def __init__(self):
-        self._t = time.perf_counter()
-        self._tokens = 0
+        self.seconds: dict[str, float] = {}
 
-    def add(self, tokens: int) -> None:
-        self._tokens += tokens
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
 
-    def rate(self) -> float:
+    @contextlib.contextmanager
+    def time(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class Progress:
+    """One live line per stage: ``[label] step s/n (p%) loss ... ETA h:mm:ss``.
+
+    On a terminal the line is redrawn in place at most every ``interval`` seconds; redirected to
+    a file, a full line is printed at every tenth of the run (and at the end), so a log reads
+    as a short table.
+    """
+
+    def __init__(self, label: str, total: int, start: int = 0, enabled: bool = True,
+                 interval: float = 0.5, stream=None):  # fmt: skip
+        self.label, self.total, self.start = label, max(int(total), 1), int(start)
+        self.enabled = enabled and total > start
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self.t0 = time.perf_counter()
+        self.values: dict[str, float] = {}
+        self.step = self.start
+        self._last_draw = 0.0
+        self._next_line = self.start
+        self._drawn = False
+
+    def show(self, values: dict[str, float]) -> None:
+        self.values = dict(values)
+
+    def line(self) -> str:
+        done, total = self.step, self.total
+        parts = [f"[{self.label}] step {done}/{total} ({100 * done // total}%)"]
+        parts += [f"{k} {v:.4f}" for k, v in self.values.items()]
+        elapsed = time.perf_counter() - self.t0
+        if done > self.start:
+            eta = elapsed / (done - self.start) * (total - done)
+            parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+        parts.append(f"elapsed {datetime.timedelta(seconds=round(elapsed))}")
+        return "  ".join(parts)
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.step = int(step)
         now = time.perf_counter()
-        rate = self._tokens / max(now - self._t, 1e-9)
-        self._t, self._tokens = now, 0
-        return rate
+        if self.tty:
+            if now - self._last_draw >= self.interval or self.step == self.total:
+                self.stream.write("\r\033[K" + self.line())
+                self.stream.flush()
+                self._last_draw, self._drawn = now, True
+        elif self.step >= self._next_line or self.step == self.total:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            self._next_line = self.step + max(self.total // 10, 1)
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.enabled = False

@@ -1,31 +1,33 @@
 """Load a finished stage's params and use them outside training: sample, score, measure.
 
-The pipeline's comparison-collection and evaluation steps need the same few operations on
-trained models: restore params from a stage workdir (``checkpoint.params_source`` order), sample
-responses to text prompts with the KV-cache sampler, teacher-force log-probs, read reward-model
-scores, and compute a held-out language-modelling loss. ``Toolkit`` bundles the model
-definitions of one pipeline (all stages share the tokenizer and the model shape) and jits each
-operation once per shape.
+The rankings, evaluation and sampling steps need the same few operations on trained models:
+restore params from a stage workdir (``checkpoint.params_source`` order, or ``hf:`` / ``gguf:``
+files), sample responses to text prompts with the KV-cache sampler, teacher-force log-probs,
+read reward-model scores (``scoring``), and compute a held-out language-modelling loss.
+``Toolkit`` bundles the model definitions of one stage config (a workdir's run_info.json
+carries it: ``Toolkit.from_workdir``) and jits each operation once per shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from instructrl import checkpoint, losses, sharding
+from instructrl import convert, losses, scoring, sharding
 from instructrl.data import lm as lm_data
+from instructrl.data.lm import left_pad
 from instructrl.model import ModelConfig, Transformer
-from instructrl.ppo import Models, response_logprobs, reward_scores
+from instructrl.presets import model_config
 from instructrl.sampler import generate
-from instructrl.sampling import left_pad
-from instructrl.sft import model_config
 from instructrl.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,13 @@ class Toolkit:
 
     def __init__(self, stage_config, batch_size: int = 32):
         self.tokenizer: Tokenizer = make_tokenizer(stage_config.tokenizer)
+        self.tokenizer_key = json.dumps(stage_config.tokenizer.to_dict(), sort_keys=True)
         cfg: ModelConfig = model_config(stage_config, self.tokenizer)
         self.cfg = dataclasses.replace(cfg, dropout=0.0)
         self.rules = sharding.rules_from_config(stage_config.get("logical_rules"))
         self.mesh = sharding.make_mesh(stage_config.mesh)
-        self.models = Models(
+        self.template = stage_config.get("data", {}).get("template", "{prompt}\n\n")
+        self.models = scoring.Models(
             Transformer(self.cfg, head="lm"), Transformer(self.cfg, head="scalar"), self.rules
         )
         # Rows per call: a multiple of the device count so the batch axis shards evenly.
@@ -63,6 +67,17 @@ class Toolkit:
         self.batch_size = max(n, -(-batch_size // n) * n)
         self._abstract = {}
         self._generators = {}
+
+    @classmethod
+    def from_workdir(cls, workdir: str, batch_size: int = 32, cache: dict | None = None) -> Toolkit:
+        """The Toolkit of a stage workdir's own config (its run_info.json). ``cache``: a dict
+        that shares one Toolkit (and its compiled functions) between workdirs whose models
+        and tokenizers are the same."""
+        tk = cls(stage_config(workdir), batch_size=batch_size)
+        if cache is None:
+            return tk
+        key = (tk.cfg, tk.tokenizer_key, tk.template, tk.batch_size)
+        return cache.setdefault(key, tk)
 
     # ---- params -----------------------------------------------------------------------------
     def params(self, workdir: str, head: str = "lm"):
@@ -77,7 +92,7 @@ class Toolkit:
             boxed = jax.eval_shape(init, jax.random.key(0))
             shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
             self._abstract[head] = sharding.abstract_with_shardings(nn.unbox(boxed), shardings)
-        return checkpoint.latest_params(workdir, self._abstract[head])
+        return convert.load_params(workdir, self._abstract[head])
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], max_new_tokens: int, template: str = "{prompt}"):
@@ -141,38 +156,37 @@ class Toolkit:
         p_tokens, p_mask = self.encode_prompts(prompts, max_new_tokens, template)
         fn = self._generate(max_new_tokens, float(temperature), int(top_k), float(top_p))
         tokens, masks = [], []
-        with self.mesh:
-            for i, (n, (pt, pm)) in enumerate(self._chunks(p_tokens, p_mask)):
-                out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
-                tokens.append(np.asarray(out.tokens)[:n])
-                masks.append(np.asarray(out.mask)[:n])
+        for i, (n, (pt, pm)) in enumerate(self._chunks(p_tokens, p_mask)):
+            out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
+            tokens.append(np.asarray(out.tokens)[:n])
+            masks.append(np.asarray(out.mask)[:n])
         tokens, masks = np.concatenate(tokens), np.concatenate(masks)
         texts = [self.tokenizer.decode_until_eos(row) for row in tokens]
         return Batch(list(prompts), texts, p_tokens, p_mask, tokens, masks)
 
     # ---- scoring ----------------------------------------------------------------------------
-    @functools.cached_property
-    def _logprobs(self):
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (one compiled function per distribution)
+    def _logprobs(self, sampling: scoring.Sampling):
         def fn(params, pt, pm, t, m):
-            return response_logprobs(self.models, params, pt, pm, t, m)[0] * m
+            return scoring.response_logprobs(self.models, params, pt, pm, t, m, sampling)[0] * m
 
         return jax.jit(fn)
 
     @functools.cached_property
     def _scores(self):
-        return jax.jit(functools.partial(reward_scores, self.models))
+        return jax.jit(functools.partial(scoring.reward_scores, self.models))
 
     def _map(self, fn, params, batch: Batch) -> np.ndarray:
         outs = []
         arrays = (batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask)
-        with self.mesh:
-            for n, chunk in self._chunks(*arrays):
-                outs.append(np.asarray(fn(params, *chunk))[:n])
+        for n, chunk in self._chunks(*arrays):
+            outs.append(np.asarray(fn(params, *chunk))[:n])
         return np.concatenate(outs)
 
-    def logprobs(self, params, batch: Batch) -> np.ndarray:
-        """(B, N) teacher-forced log-probs of the batch's response tokens (0 off the mask)."""
-        return self._map(self._logprobs, params, batch)
+    def logprobs(self, params, batch: Batch, sampling=scoring.Sampling()) -> np.ndarray:
+        """(B, N) teacher-forced log-probs of the batch's response tokens (0 off the mask)
+        under ``sampling`` (``scoring.response_logprobs``; default: the model's softmax)."""
+        return self._map(self._logprobs(sampling), params, batch)
 
     def rm_scores(self, rm_params, batch: Batch) -> np.ndarray:
         """(B,) reward-model scores (normalization folded into the RM's params)."""
@@ -208,11 +222,10 @@ class Toolkit:
         arrays = lm_data.text_arrays(self.tokenizer, documents, seq_len)
         total, count = 0.0, 0.0
         keys = ("inputs", "targets", "loss_mask")
-        with self.mesh:
-            for n, chunk in self._chunks(*(arrays[k] for k in keys)):
-                chunk[2] = chunk[2] * (jnp.arange(self.batch_size) < n)[:, None]
-                s, c = self._nll_sums(params, *chunk)
-                total, count = total + float(s), count + float(c)
+        for n, chunk in self._chunks(*(arrays[k] for k in keys)):
+            chunk[2] = chunk[2] * (jnp.arange(self.batch_size) < n)[:, None]
+            s, c = self._nll_sums(params, *chunk)
+            total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
 
     def choice_loglik(self, params, contexts: list[str], choices: list[list[str]]) -> np.ndarray:
@@ -235,7 +248,27 @@ class Toolkit:
         return np.stack(out)
 
 
-def sequence_kl(logprobs: np.ndarray, ref_logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(B,) sum over response tokens of log pi - log pi_ref: a sample estimate of
-    KL(pi || pi_ref) per response when the responses were drawn from pi."""
-    return ((logprobs - ref_logprobs) * mask).sum(axis=1)
+def stage_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a stage ran with (its run_info.json), or an imported model's (model.json +
+    tokenizer/ of ``python -m instructrl.convert``)."""
+    info = os.path.join(workdir, "run_info.json")
+    if os.path.isfile(info):
+        with open(info) as f:
+            return ml_collections.ConfigDict(json.load(f)["config"])
+    model_json = os.path.join(workdir, "model.json")
+    if not os.path.isfile(model_json):
+        raise FileNotFoundError(f"{workdir}: not a stage workdir (no run_info.json or model.json)")
+    from instructrl import config_lib
+
+    c = config_lib.base_config()
+    with open(model_json) as f:
+        fields = json.load(f)
+    c.model.update({k: v for k, v in fields.items() if k in c.model})
+    c.model.preset = "tiny"  # every architecture field comes from the file
+    for k, v in fields.items():
+        if k not in c.model:
+            c.model[k] = v
+    c.tokenizer = dict(
+        kind="hf", path=os.path.join(workdir, "tokenizer"), eos_token="", pad_token=""
+    )
+    return c

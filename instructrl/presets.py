@@ -77,3 +77,15 @@ def preset(name: str, **overrides) -> ModelConfig:
         raise KeyError(f"unknown model preset {name!r}; known presets: {known}")
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def model_config(config, tokenizer) -> ModelConfig:
+    """The ModelConfig of a stage config's ``model`` section (a preset name plus overrides);
+    the vocabulary defaults to the tokenizer's, padded to a multiple of 128."""
+    fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+    fields.setdefault("vocab_size", pad_vocab(tokenizer.vocab_size))
+    if fields["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={fields['vocab_size']} < tokenizer vocabulary {tokenizer.vocab_size}"
+        )
+    return preset(config.model.preset, **fields)

@@ -3,7 +3,7 @@
 report.json:
   models.<name> (base, base_fewshot, sft, ppo, ppo_ptx): win_rate_vs_sft {mean, low, high, n},
       likert, gold_score, rm_score, kl_to_sft, pretrain_loss, one key per attribute rate
-      (evaluate.ATTRIBUTES), gold_attributes, fewshot_heldout {mean, <family>...},
+      (world.labelers.LIKERT_FLAGS), gold_attributes, fewshot_heldout {mean, <family>...},
       by_family.<family> {n, win_rate_vs_sft, gold_score}
   reward_model: accuracy and log loss on validation rankings by training and by held-out
       labelers, and the labelers' own agreement on the same comparisons
@@ -20,9 +20,12 @@ import json
 import logging
 import os
 
-from instructrl.evaluate import ATTRIBUTES, MODELS
+from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
+from instructrl.world.labelers import pair_agreement
 
 log = logging.getLogger(__name__)
+
+MODELS = ("base", "base_fewshot", "sft", "ppo", "ppo_ptx")  # the order of the tables
 
 CURVE_KEYS = ("ppo/score", "ppo/kl_to_ref", "ppo/total_reward", "ppo/ptx_loss", "ppo/kl_coef")
 
@@ -62,8 +65,6 @@ def reward_model_summary(workdir: str) -> dict:
 def labeler_agreement(workdir: str) -> dict | None:
     """Pairwise agreement of training vs held-out labelers on the same validation prompts'
     responses: the ceiling an RM trained on one group can reach on the other (paper: 72.6%)."""
-    from instructrl.world.labelers import pair_agreement
-
     a = _jsonl(os.path.join(workdir, "rankings", "rankings_valid_train_labelers.jsonl"))
     b = _jsonl(os.path.join(workdir, "rankings", "rankings_valid_heldout_labelers.jsonl"))
     agree = total = 0
@@ -237,6 +238,11 @@ def _save(fig, directory, name):
 
     plt.close(fig)
     return path
+
+
+def run(config, workdir: str) -> dict:
+    """The report stage: ``write`` the report of the pipeline directory ``config.pipeline_dir``."""
+    return write(config.pipeline_dir)
 
 
 def write(workdir: str) -> dict:

@@ -13,27 +13,29 @@ bias, so every later use of the RM applies it. The normalized params are written
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from instructrl import checkpoint, evaluators, losses, sharding
+from instructrl import checkpoint, losses, sharding
 from instructrl.data import lm as lm_data
+from instructrl.data import sources
+from instructrl.evaluators import GROUPS, RankingAccuracy
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
-from instructrl.sft import model_config
+from instructrl.presets import model_config
+from instructrl.scoring import rewards_at_last
 from instructrl.tokenizer import Tokenizer, make_tokenizer
-from instructrl.train import TrainState, apply_gradients, fit, init_train_state
-
-log = logging.getLogger(__name__)
-
-GROUPS = {"train": 0, "heldout": 1}
+from instructrl.train import (
+    Run,
+    TrainState,
+    apply_gradients,
+    init_train_state,
+    optimizer_config,
+    total_steps,
+)
 
 
 def encode_rankings(
@@ -147,15 +149,6 @@ class RankingBatcher(lm_data.EpochBatcher):
         return {name: v[rows][:, :k] if v.ndim >= 2 else v[rows] for name, v in self.arrays.items()}
 
 
-def rewards_at_last(model: Transformer, params, tokens, last, rules, **kwargs) -> jax.Array:
-    """Scalar rewards (B, K) for tokens (B, K, T), read at index ``last`` (B, K)."""
-    b, k, t = tokens.shape
-    with nn.logical_axis_rules(rules):
-        values = model.apply({"params": params}, tokens.reshape(b * k, t), **kwargs)  # (BK, T)
-    picked = jnp.take_along_axis(values, last.reshape(b * k, 1), axis=1)[:, 0]
-    return picked.reshape(b, k)
-
-
 def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
     """One update on eq. (1). batch: tokens (B, K, T), last, ranks, mask (B, K)."""
     rng = jax.random.fold_in(rng, state.step)
@@ -175,68 +168,6 @@ def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, norms = apply_gradients(state, grads, tx)
     return state, {"loss": loss, **metrics, **norms}
-
-
-@evaluators.register("rm_accuracy")
-class RankingAccuracy:
-    """Pairwise accuracy and log loss (eq. 1) on held-out rankings, overall and by labeler
-    group (training vs held-out labelers), plus the reward distribution."""
-
-    def __init__(self, context, batch_size: int = 16, prefix: str = "eval"):
-        self.ctx, self.batch_size, self.prefix = context, batch_size, prefix
-        model, rules = context["model"], context["rules"]
-
-        @jax.jit
-        def stats(params, batch):
-            rewards = rewards_at_last(model, params, batch["tokens"], batch["last"], rules)
-            better = batch["ranks"][:, :, None] < batch["ranks"][:, None, :]
-            m = batch["mask"]
-            pairs = better & m[:, :, None] & m[:, None, :]
-            margin = rewards[:, :, None] - rewards[:, None, :]
-            return rewards, pairs, margin
-
-        self._stats = stats
-
-    def run(self, state):
-        arrays, mesh = self.ctx["eval_arrays"], self.ctx["mesh"]
-        n = len(arrays["tokens"])
-        pair_correct, pair_logloss, pair_group, rewards_all = [], [], [], []
-        for start in range(0, n, self.batch_size):
-            rows = {k: v[start : start + self.batch_size] for k, v in arrays.items()}
-            real = len(rows["tokens"])
-            if real < self.batch_size:
-                rows = {
-                    k: np.concatenate(
-                        [v, np.zeros((self.batch_size - real, *v.shape[1:]), v.dtype)]
-                    )
-                    for k, v in rows.items()
-                }
-            batch = sharding.shard_batch({k: v for k, v in rows.items() if k != "group"}, mesh)
-            rewards, pairs, margin = (
-                np.asarray(x)[:real] for x in self._stats(state.params, batch)
-            )
-            for i in range(real):
-                sel = pairs[i]
-                pair_correct.append((margin[i][sel] > 0).astype(np.float64))
-                pair_logloss.append(np.logaddexp(0.0, -margin[i][sel].astype(np.float64)))
-                pair_group.append(np.full(sel.sum(), rows["group"][i]))
-                rewards_all.append(rewards[i][rows["mask"][i]])
-        correct, logloss = np.concatenate(pair_correct), np.concatenate(pair_logloss)
-        group, rewards = np.concatenate(pair_group), np.concatenate(rewards_all)
-        p = self.prefix
-        out = {
-            f"{p}/accuracy": correct.mean(),
-            f"{p}/log_loss": logloss.mean(),
-            f"{p}/num_pairs": float(len(correct)),
-            f"{p}/reward_mean": rewards.mean(),
-            f"{p}/reward_std": rewards.std(),
-        }
-        for name, g in GROUPS.items():
-            if (group == g).any():
-                out[f"{p}/accuracy_{name}_labelers"] = correct[group == g].mean()
-                out[f"{p}/log_loss_{name}_labelers"] = logloss[group == g].mean()
-                out[f"{p}/num_pairs_{name}_labelers"] = float((group == g).sum())
-        return out
 
 
 def unseen_labelers(train_rankings: Sequence[dict], eval_rankings: Sequence[dict]) -> list[str]:
@@ -265,21 +196,19 @@ def evaluate_rankings(
         skip_too_long=True,
         heldout_labelers=heldout_labelers,
     )
+    mesh = sharding.make_mesh(config.mesh)
     context = {
         "model": model,
-        "mesh": sharding.make_mesh(config.mesh),
+        "mesh": mesh,
         "rules": sharding.rules_from_config(config.get("logical_rules")),
         "eval_arrays": arrays,
     }
     state = TrainState(step=0, params=params, opt_state=None)
-    with context["mesh"]:
-        return {k: float(v) for k, v in RankingAccuracy(context, prefix=prefix).run(state).items()}
+    return {k: float(v) for k, v in RankingAccuracy(context, prefix=prefix).run(state).items()}
 
 
 def load_rankings(path: str, config) -> tuple[list[dict], int]:
     """Rankings of one file, read through data.sources with ``config.data``'s format/flags."""
-    from instructrl.data import sources
-
     return sources.read_rankings(
         path,
         format=config.data.get("format", "auto"),
@@ -316,8 +245,7 @@ def normalization_bias(
             t = np.concatenate([t, np.repeat(t[:1], batch_size - real, 0)])
             la = np.concatenate([la, np.repeat(la[:1], batch_size - real, 0)])
         batch = sharding.shard_batch({"tokens": t, "last": la}, mesh)
-        with mesh:
-            total.append(np.asarray(score(params, batch["tokens"], batch["last"]))[:real, 0])
+        total.append(np.asarray(score(params, batch["tokens"], batch["last"]))[:real, 0])
     return -float(np.concatenate(total).mean())
 
 
@@ -329,15 +257,10 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     Evaluation is split by labeler group: the ids in ``data.heldout_labelers``, else the
     labelers of the eval rankings who ranked no training prompt (``unseen_labelers``).
     """
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer = make_tokenizer(config.tokenizer)
-    cfg = model_config(config, tokenizer)
-    model = Transformer(cfg, head="scalar")
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.get("logical_rules"))
+    run = Run(config, workdir)
+    model = Transformer(run.model_cfg, head="scalar")
     data = config.data
-    seq_len = int(data.seq_len)
-    template = data.get("template", "{prompt}\n\n")
+    seq_len, template = int(data.seq_len), data.get("template", "{prompt}\n\n")
 
     invalid = 0
     if rankings is None:
@@ -353,7 +276,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         heldout_labelers = unseen_labelers(rankings, eval_rankings)
     encode = functools.partial(
         encode_rankings,
-        tokenizer,
+        run.tokenizer,
         seq_len=seq_len,
         template=template,
         max_responses=int(config.rm.max_responses),
@@ -367,6 +290,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         too_long += eval_too_long
     else:
         train_arrays, eval_arrays = lm_data.split(arrays, int(data.eval_examples), int(config.seed))
+    run.report_skipped({"invalid": invalid, "too_long": too_long}, "rankings")
     if config.rm.pairs == "shuffled":
         train_arrays = expand_pairs(train_arrays)
     elif config.rm.pairs != "all_in_one":
@@ -377,17 +301,12 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     batcher = batcher_cls(
         train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
     )
-    total_steps = int(config.train.get("steps") or 0) or max(
-        int(round(float(config.train.epochs) * batcher.steps_per_epoch)), 1
-    )
-    opt_cfg = config.optimizer.copy_and_resolve_references()
-    with opt_cfg.unlocked():
-        opt_cfg.total_steps = total_steps
-    tx, schedule = make_optimizer(opt_cfg)
+    steps = total_steps(config.train, batcher.steps_per_epoch)
+    tx, schedule = make_optimizer(optimizer_config(config.optimizer, steps))
     k = train_arrays["tokens"].shape[1]
     example = {"tokens": jax.ShapeDtypeStruct((batch_size * k, seq_len), jnp.int32)}
     state, shardings, abstract = init_train_state(
-        model, tx, jax.random.key(int(config.seed)), example, mesh, rules
+        model, tx, jax.random.key(int(config.seed)), example, run.mesh, run.rules
     )
     info = {
         "rankings": len(rankings),
@@ -397,55 +316,43 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         # Responses scored per epoch: sum of K all-in-one, 2 per pair when shuffled.
         "train_sequences": int(train_arrays["mask"].sum()),
         "eval_prompts": len(eval_arrays["tokens"]),
-        "total_steps": total_steps,
         "pairs": config.rm.pairs,
         "heldout_labelers": heldout_labelers,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "run_info.json"), "w") as f:
-            json.dump({**info, "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+    run.write_info(**info)
 
     def init_from(state):
         trunk = {name: v for name, v in abstract.params.items() if name != "scalar_head"}
-        params = dict(checkpoint.latest_params(config.init_from, trunk))
+        params = dict(run.load(config.init_from, trunk))
         params["scalar_head"] = state.params["scalar_head"]
         return state.replace(params=params, opt_state=tx.init(params))
 
     def step_fn(state, batch, rng):
-        state, metrics = rm_step(model, tx, rules, state, batch, rng)
+        state, metrics = rm_step(model, tx, run.rules, state, batch, rng)
         return state, {**metrics, "lr": schedule(state.step - 1)}
 
-    context = {
-        "config": config,
-        "model": model,
-        "mesh": mesh,
-        "rules": rules,
-        "tokenizer": tokenizer,
-        "eval_arrays": eval_arrays,
-    }
-    state = fit(
-        config=config,
-        workdir=workdir,
-        mesh=mesh,
+    state = run.fit(
         state=state,
-        state_shardings=shardings,
-        abstract_state=abstract,
+        shardings=shardings,
+        abstract=abstract,
         step_fn=step_fn,
         batcher=batcher,
-        total_steps=total_steps,
-        tokens_per_step=lambda b: int((b["last"] + 1)[b["mask"]].sum()) * jax.process_count(),
+        steps=steps,
         init_from=init_from if config.get("init_from") else None,
-        eval_context=context,
+        eval_context={"model": model, "eval_arrays": eval_arrays},
         prefix="rm",
+        tokens_per_step=lambda b: int((b["last"] + 1)[b["mask"]].sum()) * jax.process_count(),
     )
-    params = state.params
-    bias = 0.0
+    params, bias = state.params, 0.0
     if config.rm.get("normalize_with"):
-        demos, _ = lm_data.load_demonstrations(config.rm.normalize_with, skip_invalid=True)
+        demos, _ = sources.read_demonstrations(config.rm.normalize_with, skip_invalid=True)
         demos = demos[: int(config.rm.get("normalize_examples", 256))]
-        bias = normalization_bias(model, params, rules, mesh, tokenizer, demos, seq_len, template)
+        bias = normalization_bias(
+            model, params, run.rules, run.mesh, run.tokenizer, demos, seq_len, template
+        )
         params = add_reward_bias(params, bias)
-    checkpoint.export_params(workdir, params, {"reward_bias": bias, **info})
+    checkpoint.export_params(workdir, params, {"reward_bias": bias, **info, "total_steps": steps})
+    run.finish(reward_bias=bias)
     return state.replace(params=params)
 
 

@@ -5,7 +5,8 @@ Left-padded prompts (B, P) of mixed length are prefilled in one pass into cache 
 slot P - 1 + i with position id (real prompt length - 1 + i), so each row is computed exactly
 as if it had no padding. The prefill's own logits are never used, so XLA drops its (B, P, V)
 vocabulary projection. Rows stop at EOS and the loop exits once every row has stopped.
-Sampling applies temperature, top-k and top-p (``sampling.filter_logits``). Under a mesh, the
+Sampling applies temperature, top-k and top-p (``filter_logits``; ``scoring`` teacher-forces
+log-probs under the same filtered distribution). Under a mesh, the
 batch is split over (data, fsdp) and heads over tensor through the model's logical axis names.
 
 Why the decode runs over unrolled layers: with ``nn.scan`` the per-layer caches are the scan's
@@ -26,12 +27,35 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from instructrl import model as model_lib
-from instructrl.model import Transformer, init_cache, unstack_layers
-from instructrl.sampling import filter_logits
+from instructrl.model import CACHE_AXES, Transformer, init_cache, unstack_layers
 
-# Logical axes of one layer's cached keys/values, as ``init_cache`` lays them out.
-CACHE_AXES = getattr(model_lib, "CACHE_AXES", ("act_batch", "act_len", "act_kv_heads", "act_kv"))
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, then top-k, then nucleus (top-p) filtering over the last axis (V).
+
+    logits: (..., V) float32. Excluded tokens get -inf. Temperature 0 (greedy) leaves the
+    logits as they are: the greedy token is their argmax, and the sampler reports its log-prob
+    under the model's own softmax.
+    """
+    if is_identity(temperature, top_k, top_p):
+        return logits
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def is_identity(temperature: float, top_k: int, top_p: float) -> bool:
+    """Whether ``filter_logits`` leaves the logits unchanged (greedy, or plain T = 1)."""
+    return temperature == 0.0 or (temperature == 1.0 and not top_k and top_p >= 1.0)
 
 
 @flax.struct.dataclass

@@ -1,15 +1,36 @@
-"""Training machinery shared by every stage: state, sharded init, the jitted step, the loop.
+"""The training scaffold every training stage runs on (pretrain, SFT, RM, PPO and later methods).
 
-A stage supplies a pure ``step(state, batch, rng) -> (state, metrics)`` and a batcher whose
-``batch(step)`` gives this host's rows of the global batch; ``fit`` does the rest: resume,
-jit with shardings and donation, logging, evaluation, checkpointing and model selection.
+A stage builds ``Run(config, workdir)`` (tokenizer, model config, mesh, logical rules), its own
+data and its pure ``step(state, batch, rng) -> (state, metrics)``, then calls ``Run.fit``, which
+does the rest:
+
+  resume      (1) the newest checkpoint in workdir/checkpoints that restores (a corrupt one is
+              skipped with a warning naming it); (2) else ``init_from(state)``: params only,
+              from another stage; (3) else the initial state. Metric and sample rows logged
+              after the restored step are dropped, so a resumed run's files equal an
+              uninterrupted run's;
+  the step    jitted once with explicit shardings and ``donate_argnums=(0,)`` (or called as
+              is with ``jit_step=False``: PPO jits its own phases);
+  batches     ``batcher.batch(step)``, a pure function of (seed, step), sharded over (data,
+              fsdp) from each host's rows;
+  logging     metrics.jsonl + TensorBoard (process 0), NaN/Inf fail loudly, one live progress
+              line (``metrics.Progress``);
+  evaluation  the ``config.evals`` registry, every ``every_steps`` and at the end; the best
+              params by ``checkpoint.select_by`` under workdir/best;
+  checkpoints every ``checkpoint.every_steps`` and at the end (orbax, async, keep-N, atomic);
+  timings     compile, host data, device step, evaluation, checkpointing and logging seconds
+              (and a stage's own ``time/*`` metrics), written to run_info.json;
+  DONE        ``Run.finish`` writes run_info.json and workdir/DONE once the stage's outputs
+              (e.g. the RM's normalized export) are written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +41,40 @@ import optax
 from flax import linen as nn
 
 from instructrl import checkpoint, evaluators, sharding
-from instructrl.metrics import MetricWriter, Throughput, check_finite, to_floats
+from instructrl.metrics import (
+    MetricWriter,
+    Progress,
+    Timers,
+    check_finite,
+    to_floats,
+    truncate_jsonl,
+)
+from instructrl.model import ModelConfig
+from instructrl.presets import model_config
+from instructrl.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
+
+DONE = "DONE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: what ``instructrl pipeline`` walks (``instructrl.stages``).
+
+    name: its directory under the pipeline's workdir (and its config section unless
+      ``section`` names another); run(config, workdir): trains or computes it from its config
+      section into its directory; reads: the stages whose outputs it reads; wire(section,
+      dirs, config): fills the section's inputs from ``dirs`` ({stage: directory}) and the
+      whole pipeline config.
+    """
+
+    name: str
+    run: Callable[[Any, str], Any]
+    reads: tuple[str, ...] = ()
+    wire: Callable[[Any, dict[str, str], Any], None] | None = None
+    section: str = ""
+    trains: bool = True  # a training stage: the shared model, seed and tokenizer apply
 
 
 @flax.struct.dataclass
@@ -31,52 +83,32 @@ class TrainState:
     params: Any
     opt_state: Any
 
-    def as_dict(self) -> dict[str, Any]:
-        return state_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**d)
-
 
 def state_dict(state) -> dict[str, Any]:
     """A flax dataclass state as a plain dict of its fields (what checkpoints hold)."""
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def init_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-    example: dict[str, jax.ShapeDtypeStruct],
-    mesh,
-    rules,
-    params_fn: Callable[[Any], Any] | None = None,
-):
-    """Create the train state already sharded: eval_shape, then jit with out_shardings.
-
-    example: keyword inputs of ``model.init`` (shapes only). ``params_fn`` may edit the params
-    before the optimizer sees them. Returns (state, state_shardings, abstract_state).
-    """
+def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
+    """The train state built directly into its sharding (eval_shape, then jit with
+    out_shardings). example: keyword inputs of ``model.init`` (shapes only).
+    Returns (state, state_shardings, abstract_state)."""
 
     def init(rng):
         with nn.logical_axis_rules(rules):
             params = model.init(rng, **{k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()})
         params = params["params"]
-        if params_fn is not None:
-            params = params_fn(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    with mesh:
-        return sharding.create_sharded(init, mesh, rules, rng)
+    return sharding.create_sharded(init, mesh, rules, rng)
 
 
 def global_norm(tree) -> jax.Array:
-    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
     return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
 
 
-def apply_gradients(state: TrainState, grads, tx) -> tuple[TrainState, dict[str, jax.Array]]:
+def apply_gradients(state, grads, tx) -> tuple[Any, dict[str, jax.Array]]:
     """One optimizer update; returns the new state and gradient/update/parameter norms."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -88,118 +120,209 @@ def apply_gradients(state: TrainState, grads, tx) -> tuple[TrainState, dict[str,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), norms
 
 
-def fit(
-    *,
-    config,
-    workdir: str,
-    mesh,
-    state: TrainState,
-    state_shardings,
-    abstract_state,
-    step_fn: Callable,
-    batcher,
-    total_steps: int,
-    tokens_per_step: Callable[[dict], int] | None = None,
-    init_from: Callable[[TrainState], TrainState] | None = None,
-    eval_context: dict[str, Any] | None = None,
-    prefix: str = "train",
-    jit_step: bool = True,
-):
-    """Run ``step_fn`` from the resumed step to ``total_steps``; return the final state.
+def total_steps(train_cfg, steps_per_epoch: float) -> int:
+    """``train.steps`` when set, else ``train.epochs`` epochs (at least one step)."""
+    steps = int(train_cfg.get("steps") or 0)
+    return steps or max(int(round(float(train_cfg.epochs) * steps_per_epoch)), 1)
 
-    Resume order: (1) latest checkpoint in workdir; (2) ``init_from(state)`` (params only);
-    (3) the initial state. Any flax dataclass state with ``step`` and ``params`` fields works.
-    With ``jit_step=False`` the step function is called as is (it jits its own phases, as PPO
-    does). Checkpoints are written every ``config.checkpoint.every_steps`` and
-    at the end; ``config.checkpoint.select_by`` (a metric of an evaluator, lower is better
-    unless ``select_mode='max'``) keeps the best params under workdir/best.
+
+def optimizer_config(opt_cfg, total: int):
+    """The optimizer section with ``total_steps`` filled in (what optim.make_optimizer reads)."""
+    c = opt_cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.total_steps = int(total)
+    return c
+
+
+class Run:
+    """One training stage in one workdir: the set-up every stage shares, then ``fit``.
+
+    Attributes: config, workdir, tokenizer, model_cfg (``presets.model_config``; dropout 0 with
+    ``deterministic=True``), mesh, rules, is_main, timers, info (run_info.json fields).
     """
-    train_cfg, ckpt_cfg = config.train, config.checkpoint
-    rng = jax.random.key(int(config.seed))
-    is_main = jax.process_index() == 0
-    mngr = checkpoint.manager(
-        os.path.join(workdir, "checkpoints"),
-        keep=int(ckpt_cfg.keep),
-        async_save=bool(ckpt_cfg.get("async_save", True)),
-    )
-    latest = mngr.latest_step()
-    if latest is not None:
-        restored = checkpoint.restore(mngr, latest, state_dict(abstract_state))
-        state = type(state)(**restored)
-        log.info("resumed from %s step %d", workdir, latest)
-    elif init_from is not None:
-        state = init_from(state)
-    start = int(jax.device_get(state.step))
 
-    example = batcher.batch(0)
-    batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
-    jstep = step_fn
-    if jit_step:
-        jstep = jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,),
+    def __init__(self, config, workdir: str, deterministic: bool = False):
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.tokenizer: Tokenizer = make_tokenizer(config.tokenizer)
+        cfg: ModelConfig = model_config(config, self.tokenizer)
+        self.model_cfg = dataclasses.replace(cfg, dropout=0.0) if deterministic else cfg
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = sharding.rules_from_config(config.get("logical_rules"))
+        self.is_main = jax.process_index() == 0
+        self.timers = Timers()
+        self.info: dict[str, Any] = {"stage": config.get("stage", "")}
+
+    def report_skipped(self, counts: dict[str, int], what: str = "records") -> None:
+        """Say on the console how many input records were skipped, by reason (they are also
+        in run_info.json): a skipped record is never silent."""
+        shown = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.items() if n)
+        if shown and self.is_main:
+            log.warning(
+                "%s: skipped %s %s (see run_info.json)", self.config.get("stage"), shown, what
+            )
+
+    def load(self, source: str, abstract):
+        """Params of ``source`` (a stage workdir, hf:DIR or gguf:FILE) into ``abstract``."""
+        from instructrl import convert  # pretrained formats: gguf/safetensors readers
+
+        with self.timers.time("restore"):
+            return convert.load_params(source, abstract)
+
+    def fit(
+        self,
+        *,
+        state,
+        shardings,
+        abstract,
+        step_fn: Callable,
+        batcher,
+        steps: int,
+        init_from: Callable | None = None,
+        eval_context: dict[str, Any] | None = None,
+        prefix: str = "train",
+        jit_step: bool = True,
+        tokens_per_step: Callable[[dict], int] | None = None,
+    ):
+        """Run ``step_fn`` from the resumed step to ``steps``; returns the final state."""
+        config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers
+        train_cfg, ckpt_cfg = config.train, config.checkpoint
+        rng = jax.random.key(int(config.seed))
+        mngr = checkpoint.manager(
+            os.path.join(workdir, "checkpoints"),
+            keep=int(ckpt_cfg.keep),
+            async_save=bool(ckpt_cfg.get("async_save", True)),
         )
-    evals = evaluators.build(config.get("evals"), {**(eval_context or {}), "workdir": workdir})
-    writer = MetricWriter(workdir, enabled=is_main)
-    best = _Best(workdir, ckpt_cfg) if ckpt_cfg.get("select_by") else None
-    throughput = Throughput()
-    log_every = int(train_cfg.log_every)
-    every_save = max(int(ckpt_cfg.every_steps), 1)
-    progress = _progress(start, total_steps, enabled=is_main and train_cfg.get("progress", True))
+        with timers.time("restore"):
+            restored, step0 = checkpoint.restore_latest(mngr, state_dict(abstract))
+        if restored is not None:
+            state = type(state)(**restored)
+            log.info("resumed %s at step %d", workdir, step0)
+        elif init_from is not None:
+            state = init_from(state)
+        start = int(jax.device_get(state.step))
+        self.info.update(total_steps=steps, resumed_from=start if restored is not None else None)
 
-    def evaluate(name, evaluator, state, step):
-        with mesh:
-            results = to_floats(evaluator.run(state))
-        check_finite(results, step)
-        writer.write(step, results)
-        log.info("step %d %s: %s", step, name, results)
-        return results
+        jstep = step_fn
+        if jit_step:
+            example = batcher.batch(start)
+            batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
+            jstep = jax.jit(
+                step_fn,
+                in_shardings=(shardings, batch_shardings, sharding.replicated(mesh)),
+                out_shardings=(shardings, sharding.replicated(mesh)),
+                donate_argnums=(0,),
+            )
+        context = {**(eval_context or {}), "workdir": workdir, "mesh": mesh, "rules": self.rules}
+        context.setdefault("tokenizer", self.tokenizer)
+        context.setdefault("config", config)
+        evals = evaluators.build(config.get("evals"), context)
+        if self.is_main:  # rows logged after the restored step are logged again
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl(os.path.join(workdir, name), start)
+        writer = MetricWriter(workdir, enabled=self.is_main)
+        best = _Best(workdir, ckpt_cfg) if ckpt_cfg.get("select_by") else None
+        log_every = int(train_cfg.log_every)
+        every_save = max(int(ckpt_cfg.every_steps), 1)
+        progress = Progress(
+            train_cfg.get("progress_label") or prefix,
+            steps,
+            start,
+            enabled=self.is_main and bool(train_cfg.get("progress", True)),
+        )
+        shown_keys = ("loss", "score", "kl_to_ref")
 
-    if train_cfg.get("eval_at_start") and start == 0:
-        for name, (evaluator, _) in evals.items():
-            evaluate(name, evaluator, state, 0)
-    try:
-        for step in range(start, total_steps):
-            host_batch = batcher.batch(step)
-            batch = sharding.shard_batch(host_batch, mesh)
-            with mesh:
-                state, metrics = jstep(state, batch, rng)
-            if tokens_per_step is not None:
-                throughput.add(tokens_per_step(host_batch))
-            done = step + 1
-            if done % log_every == 0 or done == total_steps:
-                values = {f"{prefix}/{k}": v for k, v in to_floats(jax.device_get(metrics)).items()}
-                check_finite(values, done)
-                values[f"{prefix}/tokens_per_s"] = throughput.rate()
-                writer.write(done, values)
-                if progress is not None:
-                    # PPO has no single loss: its bar shows the RM score instead.
-                    shown = {k: values[f"{prefix}/{k}"] for k in ("loss", "score", "kl_to_ref")
-                             if f"{prefix}/{k}" in values}  # fmt: skip
-                    progress.set_postfix(
-                        **{k: f"{v:.4f}" for k, v in shown.items()},
-                        tok_s=f"{values[f'{prefix}/tokens_per_s']:.0f}",
-                    )
-            for name, (evaluator, every) in evals.items():
-                if (every and done % every == 0) or done == total_steps:
-                    results = evaluate(name, evaluator, state, done)
-                    if best is not None:
-                        best.update(done, results, state)
-            if done % every_save == 0 or done == total_steps:
-                checkpoint.save(mngr, done, state_dict(state), force=True)
-            if progress is not None:
-                progress.update(1)
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        if best is not None:
-            best.close()
-        writer.close()
-        if progress is not None:
+        def evaluate(name, evaluator, state, step):
+            with timers.time("evaluation"):
+                results = to_floats(evaluator.run(state))
+            check_finite(results, step)
+            writer.write(step, results)
+            log.info("step %d %s: %s", step, name, results)
+            return results
+
+        if train_cfg.get("eval_at_start") and start == 0:
+            for name, (evaluator, _) in evals.items():
+                evaluate(name, evaluator, state, 0)
+        tokens, window = 0, time.perf_counter()
+        try:
+            for step in range(start, steps):
+                with timers.time("host_data"):
+                    host_batch = batcher.batch(step)
+                    batch = sharding.shard_batch(host_batch, mesh)
+                first = step == start
+                with timers.time("compile_and_first_step" if first else "device_step"):
+                    state, metrics = jstep(state, batch, rng)
+                    jax.block_until_ready(metrics)  # honest step timings; no overlap is lost
+                for key in [k for k in metrics if k.startswith("time/")]:
+                    timers.add(key[5:], metrics.pop(key))  # a stage's own phase timings
+                if tokens_per_step is not None:
+                    tokens += tokens_per_step(host_batch)
+                done = step + 1
+                if done % log_every == 0 or done == steps:
+                    with timers.time("logging"):
+                        values = to_floats(jax.device_get(metrics))
+                        values = {f"{prefix}/{k}": v for k, v in values.items()}
+                        check_finite(values, done)
+                        now = time.perf_counter()
+                        values[f"{prefix}/tokens_per_s"] = tokens / max(now - window, 1e-9)
+                        tokens, window = 0, now
+                        writer.write(done, values)
+                        progress.show(
+                            {
+                                k: values[f"{prefix}/{k}"]
+                                for k in shown_keys
+                                if f"{prefix}/{k}" in values
+                            }
+                        )
+                for name, (evaluator, every) in evals.items():
+                    if (every and done % every == 0) or done == steps:
+                        results = evaluate(name, evaluator, state, done)
+                        if best is not None:
+                            with timers.time("checkpointing"):
+                                best.update(done, results, state)
+                if done % every_save == 0 or done == steps:
+                    with timers.time("checkpointing"):
+                        checkpoint.save(mngr, done, state_dict(state), force=True)
+                progress.update(done)
+        finally:
+            with timers.time("checkpointing"):
+                mngr.wait_until_finished()
+                mngr.close()
+                if best is not None:
+                    best.close()
+            writer.close()
             progress.close()
-    return state
+        return state
+
+    def write_info(self, **info) -> None:
+        """Add fields to run_info.json (process 0), with the config and the timings so far."""
+        self.info.update(info)
+        if not self.is_main:
+            return
+        out = {
+            **self.info,
+            "seconds": self.timers.as_dict(),
+            "config": json.loads(self.config.to_json_best_effort()),
+        }
+        path = os.path.join(self.workdir, "run_info.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+
+    def finish(self, **info) -> None:
+        """run_info.json with every timing, then workdir/DONE (the stage's outputs are final)."""
+        self.write_info(**info)
+        mark_done(self.workdir)
+
+
+def mark_done(workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, DONE), "w") as f:
+            f.write("done\n")
+
+
+def is_done(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, DONE))
 
 
 class _Best:
@@ -211,15 +334,12 @@ class _Best:
         self.path = os.path.join(workdir, "best")
         self.mngr = checkpoint.manager(self.path, keep=1, async_save=False)
         self.value = None
-        step = self.mngr.latest_step()
         record = os.path.join(self.path, "best.json")
-        if step is not None and os.path.exists(record):
-            import json
-
+        if self.mngr.latest_step() is not None and os.path.exists(record):
             with open(record) as f:
                 self.value = json.load(f)["value"]
 
-    def update(self, step: int, results: dict[str, float], state: TrainState) -> None:
+    def update(self, step: int, results: dict[str, float], state) -> None:
         if self.metric not in results:
             return
         value = results[self.metric]
@@ -229,18 +349,8 @@ class _Best:
         checkpoint.save(self.mngr, step, {"params": state.params}, force=True)
         self.mngr.wait_until_finished()
         if jax.process_index() == 0:
-            import json
-
             with open(os.path.join(self.path, "best.json"), "w") as f:
                 json.dump({"step": step, "metric": self.metric, "value": value}, f)
 
     def close(self) -> None:
         self.mngr.close()
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=1.0)

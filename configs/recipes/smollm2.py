@@ -67,15 +67,18 @@ def get_config(arg=None):
     from instructrl import config_lib
     from instructrl.convert.workdir import model_fields
 
-    args = config_lib.parse_arg(arg)
-    stage = str(args.get("stage", "sft"))
+    args = config_lib.parse_arg(
+        arg, stage="sft", root="runs/smollm2", base="", runlocal=False, steps=0, iterations=0,
+        batch=0, seq_len=0, lr=0.0, sft_lr=0.0, rm_lr=0.0, ppo_lr=0.0,
+    )  # fmt: skip
+    stage = args.stage
     if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}; the recipe's stages are {STAGES}")
-    runlocal = bool(args.get("runlocal"))
-    p = paths(str(args.get("root", "runs/smollm2")))
+        raise config_lib.ConfigError(f"stage={stage!r}; the recipe's stages are {STAGES}")
+    runlocal = args.runlocal
+    p = paths(args.root)
     c = _stage_config(stage, "runlocal" if runlocal else None)
     c.unlock()
-    base = p["base"] if os.path.isdir(p["base"]) else str(args.get("base") or smollm2_gguf())
+    base = p["base"] if os.path.isdir(p["base"]) else (args.base or smollm2_gguf())
     c.model.update(model_fields(base))  # the imported file's architecture
     c.model.dropout = 0.0
     c.tokenizer = dict(
@@ -138,20 +141,20 @@ def get_config(arg=None):
             c.data.update(max_prompt_len=48, eval_prompts=8)
             c.ppo.update(iterations=2, batch_size=16, num_minibatches=2, max_new_tokens=8)
             c.evals.policy.every_steps = 2
-    if args.get("steps") and stage != "ppo":
-        c.train.steps = int(args["steps"])
-        c.evals.heldout.every_steps = int(args["steps"])
-    if args.get("iterations") and stage == "ppo":
-        c.ppo.iterations = int(args["iterations"])
-    if args.get("batch"):
-        c.train.batch_size = int(args["batch"])
+    if args.steps and stage != "ppo":
+        c.train.steps = args.steps
+        c.evals.heldout.every_steps = args.steps
+    if args.iterations and stage == "ppo":
+        c.ppo.iterations = args.iterations
+    if args.batch:
+        c.train.batch_size = args.batch
         if stage == "ppo":
-            c.ppo.batch_size = int(args["batch"])
-            c.ppo.num_minibatches = max(1, int(args["batch"]) // 8)
-    lr = args.get(f"{stage}_lr") or args.get("lr")  # e.g. ppo_lr=1e-5: that stage only
+            c.ppo.batch_size = args.batch
+            c.ppo.num_minibatches = max(1, args.batch // 8)
+    lr = getattr(args, f"{stage}_lr") or args.lr  # e.g. ppo_lr=1e-5: that stage only
     if lr:
         c.optimizer.lr = float(lr)
-    if args.get("seq_len"):
+    if args.seq_len:
         key = "max_prompt_len" if stage == "ppo" else "seq_len"
-        c.data[key] = int(args["seq_len"])
+        c.data[key] = args.seq_len
     return c.lock()

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from instructrl import sharding
+from instructrl import checkpoint, sharding
 from instructrl.convert.hf import export_hf, hf_config
 from instructrl.convert.loading import load_into
 from instructrl.model import ModelConfig, Transformer
@@ -69,7 +69,12 @@ def read_model_config(source: str) -> tuple[ModelConfig, str]:
 
 def load_params(source: str, abstract: Any) -> Any:
     """Params of ``source`` in the tree, dtypes and shardings of ``abstract`` (a tree of
-    ShapeDtypeStructs with shardings, scanned or unrolled layers, possibly a sub-tree)."""
+    ShapeDtypeStructs with shardings, scanned or unrolled layers, possibly a sub-tree).
+
+    source: a stage's workdir (``checkpoint.latest_params``: export/, best/, checkpoints/),
+    ``hf:DIR`` or ``gguf:FILE`` (read straight into those shardings)."""
+    if not source.startswith(PREFIXES):
+        return checkpoint.latest_params(source, abstract)
     _, _, table, reader = open_source(source)
     return load_into(abstract, table, reader)
 

@@ -1,117 +1,29 @@
-"""Minimal, real data for language-model stages: demonstrations and plain text.
+"""Token arrays for every stage: demonstration and text rows, prompts, epoch batches.
 
-Demonstrations come from local JSON / JSONL files (or a saved HF dataset directory) through
-Hugging Face ``datasets``, in two schemas: ``{prompt, response}`` and Alpaca's
-``{instruction, input, output}``. Plain text comes from local text files. Examples become fixed
-length rows {inputs, targets, loss_mask} (B, T), targets being inputs shifted by one.
+Records come from ``data.sources`` (files, datasets); here they become fixed-length arrays:
+next-token rows {inputs, targets, loss_mask} (B, T) (targets are inputs shifted by one),
+left-padded prompts (B, P) with their mask, and deterministic epoch batches of any arrays.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from instructrl.data import files, formats
+from instructrl.data.errors import DataError
 from instructrl.tokenizer import Tokenizer
-
-
-class DataError(ValueError):
-    """Bad input: the message names the file, the record (line) and the field."""
-
-
-def _read_records(path: str) -> list[tuple[str, dict]]:
-    """(where, record) pairs of a JSON list, a JSONL file or a saved HF dataset directory;
-    ``where`` names the file and the line (JSONL) or record number (JSON list, dataset)."""
-    if os.path.isdir(path):
-        import datasets
-
-        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(datasets.load_from_disk(path))]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-            return [(f"{path}: record {i + 1}", r) for i, r in enumerate(records)]
-        records = []
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
-        return records
-
-
-def _field(record: dict, name: str, where: str) -> str:
-    if name not in record:
-        raise DataError(f"{where}: missing field {name!r}")
-    value = record[name]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def load_demonstrations(path: str, skip_invalid: bool = False) -> tuple[list[dict], int]:
-    """([{prompt, response}], number skipped) from {prompt, response} or Alpaca
-    {instruction, input, output} records.
-
-    Alpaca prompts are the instruction, then the input (when non-empty) after a blank line.
-    A bad record (missing or mistyped field, empty response) raises a DataError naming the file,
-    the line or record and the field; with ``skip_invalid`` it is skipped and counted instead.
-    """
-    out, skipped = [], 0
-    for where, record in _read_records(path):
-        try:
-            out.append(_demonstration(record, where))
-        except DataError:
-            if not skip_invalid:
-                raise
-            skipped += 1
-    return out, skipped
-
-
-def _demonstration(record, where: str) -> dict[str, str]:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-    if "instruction" in record:
-        prompt = _field(record, "instruction", where)
-        extra = record.get("input") or ""
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        response = _field(record, "output", where)
-    else:
-        prompt = _field(record, "prompt", where)
-        response = _field(record, "response", where)
-    if not response.strip():
-        field = "output" if "instruction" in record else "response"
-        raise DataError(f"{where}: field {field!r} is empty")
-    return {"prompt": prompt, "response": response}
 
 
 def encode_demonstration(
     tokenizer: Tokenizer, prompt: str, response: str, seq_len: int, template: str
 ) -> tuple[list[int], list[int]] | None:
-    """Token ids (length <= seq_len + 1) and a 0/1 mask of the response (+ EOS) tokens.
-
-    The prompt is truncated from the left if needed; a response (with its EOS) that does not fit
-    with at least one prompt token returns None: it is never silently cut.
-    """
-    prompt_ids = tokenizer.encode(template.format(prompt=prompt))
-    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
-    room = seq_len + 1 - len(response_ids)
-    if room < 1:
-        return None
-    prompt_ids = prompt_ids[-room:]
-    ids = prompt_ids + response_ids
-    return ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+    """Token ids (length <= seq_len + 1) and a 0/1 mask of the response (+ EOS) tokens, the
+    prompt in ``template`` (``formats.encode`` of a ``PlainFormat``); None when the response
+    does not fit beside one prompt token: it is never silently cut."""
+    example = {"prompt": prompt, "response": response}
+    return formats.encode(tokenizer, formats.PlainFormat(template), example, seq_len + 1)
 
 
 def demonstration_arrays(
@@ -152,16 +64,6 @@ def _pad_rows(rows, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask[:, 1:]}
 
 
-def read_text_files(paths: Iterable[str]) -> list[str]:
-    out = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"text file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            out.append(f.read())
-    return out
-
-
 def text_arrays(
     tokenizer: Tokenizer, documents: Iterable[str], seq_len: int
 ) -> dict[str, np.ndarray]:
@@ -183,6 +85,31 @@ def text_arrays(
         "targets": rows[:, 1:],
         "loss_mask": np.ones((n, seq_len), np.int32),
     }
+
+
+def text_split(tokenizer: Tokenizer, paths: Sequence[str], seq_len: int, eval_rows: int, seed: int):
+    """(train, held-out) text rows of the files ``paths`` (``text_arrays``), ``eval_rows``
+    held out."""
+    arrays = text_arrays(tokenizer, files.read_text(list(paths)), seq_len)
+    return split(arrays, eval_rows, seed)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """(tokens, mask) int32 arrays (B, P) with each sequence right-aligned (cut from the left)."""
+    length = length or max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for i, seq in enumerate(sequences):
+        seq = list(seq)[-length:]
+        tokens[i, length - len(seq) :] = seq
+        mask[i, length - len(seq) :] = 1
+    return tokens, mask
+
+
+def encode_prompts(tokenizer: Tokenizer, records: Sequence[dict], template: str, length: int):
+    """Left-padded (B, length) prompt tokens and mask of records {prompt} in ``template``."""
+    ids = [tokenizer.encode(template.format(prompt=r["prompt"])) for r in records]
+    return left_pad(ids, tokenizer.pad_id, length)
 
 
 def split(arrays: dict[str, np.ndarray], eval_count: int, seed: int):

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from instructrl.data import formats
-from instructrl.data.lm import DataError
+from instructrl.data.errors import DataError
 
 KEYS = ("inputs", "targets", "loss_mask")
 

@@ -47,7 +47,7 @@ Quick start::
 from instructrl.world.knowledge import Fact, KnowledgeBase
 from instructrl.world.labelers import Labeler, LabelerPool, agreement_rate
 from instructrl.world.tasks import ATTRIBUTES, CATEGORIES, PAPER_CATEGORY_MIX
-from instructrl.world.world import CORRUPTIONS, FAMILIES, World, WorldConfig
+from instructrl.world.world import CORRUPTIONS, FAMILIES, World, WorldConfig, gold_scorer
 
 __all__ = [
     "ATTRIBUTES",
@@ -62,4 +62,5 @@ __all__ = [
     "World",
     "WorldConfig",
     "agreement_rate",
+    "gold_scorer",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 
 from instructrl.world import heldout, lexicon, text
 from instructrl.world.knowledge import QUESTIONS, Fact
+from instructrl.world.seeding import as_rng
 
 DOC_WEIGHTS = {
     "encyclopedia": 0.15,
@@ -235,8 +236,6 @@ class _Writer:
 
 def pretraining_corpus(world, num_docs: int, seed=None) -> list[str]:
     """``num_docs`` documents (str, a few hundred characters each), a function of the seed."""
-    from instructrl.world.world import as_rng
-
     rng = as_rng(world.config.seed if seed is None else seed, "pretraining")
     writer = _Writer(world, rng)
     kinds = list(DOC_WEIGHTS)

@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from instructrl.world.seeding import as_rng
+
 PAPER_PROMPT_COUNTS = {"sft": 12725, "rm": 33207, "ppo": 31144}
 
 # sample_fn(records, num_responses) -> one list of responses per record.
@@ -71,7 +73,6 @@ def split_sizes(scale: float, num_rm_prompts: int = 0) -> dict[str, int]:
 
 def world_sampler(world, seed: int = 0) -> SampleFn:
     """A ``SampleFn`` drawing ``World.candidate_responses`` (a stand-in for policy samples)."""
-    from instructrl.world.world import as_rng
 
     def sample(records, num_responses):
         return [
@@ -90,8 +91,6 @@ def build_rankings(
 
     Returns [{"prompt", "responses" (K str), "ranks" (K int, 0 = best), "labeler_id", "id"}].
     """
-    from instructrl.world.world import as_rng
-
     c = world.config
     rng = as_rng(c.seed if seed is None else seed, "rankings")
     sample_fn = sample_fn or world_sampler(world, c.seed)

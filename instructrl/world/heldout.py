@@ -21,6 +21,7 @@ import numpy as np
 
 from instructrl.world import lexicon, text
 from instructrl.world.knowledge import PERSON_RELATIONS, QUESTIONS, Fact
+from instructrl.world.seeding import as_rng
 
 HELDOUT_FAMILIES = ("read_qa", "count_qa", "story_ending", "translate")
 METRICS = {"read_qa": "f1", "count_qa": "exact", "story_ending": "accuracy", "translate": "bleu"}
@@ -129,8 +130,6 @@ _MAKERS = {
 
 def heldout_tasks(world, num_per_family: int, seed=None, families=HELDOUT_FAMILIES) -> list[dict]:
     """``num_per_family`` items of each held-out family (see the module docstring)."""
-    from instructrl.world.world import as_rng
-
     rng = as_rng(world.config.seed if seed is None else seed, "heldout")
     items = []
     for family in families:
@@ -152,8 +151,6 @@ def heldout_tasks(world, num_per_family: int, seed=None, families=HELDOUT_FAMILI
 
 def fewshot_prompt(world, item: dict, num_shots: int, seed=None) -> str:
     """``num_shots`` solved items of the item's family, blank-line separated, then the item."""
-    from instructrl.world.world import as_rng
-
     rng = as_rng(world.config.seed if seed is None else seed, f"heldout-shots/{item['id']}")
     shots = []
     for _ in range(num_shots):

@@ -4,12 +4,13 @@ and the labeler population, and hands out prompts, reference answers and corrupt
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import numpy as np
 
-from instructrl.world import families_closed, families_open, lexicon, tasks
+from instructrl.world import corpus, families_closed, families_open, heldout, lexicon, tasks
 from instructrl.world.knowledge import QUESTIONS, Fact, KnowledgeBase
+from instructrl.world.labelers import LabelerPool
+from instructrl.world.seeding import as_rng
 
 FAMILIES: tuple[tasks.TaskFamily, ...] = (
     families_open.StoryFamily(),
@@ -88,13 +89,6 @@ class WorldConfig:
         return {c: w / total for c, w in self.category_mix}
 
 
-def as_rng(seed_or_rng: int | np.random.Generator | None, stream: str = "") -> np.random.Generator:
-    """A Generator from a seed (mixed with a stable hash of ``stream``) or the Generator itself."""
-    if isinstance(seed_or_rng, np.random.Generator):
-        return seed_or_rng
-    return np.random.default_rng([int(seed_or_rng or 0), zlib.crc32(stream.encode())])
-
-
 class World:
     """The synthetic instruction world. Build with ``World.build(seed, **config_overrides)``.
 
@@ -105,8 +99,6 @@ class World:
     """
 
     def __init__(self, config: WorldConfig):
-        from instructrl.world.labelers import LabelerPool
-
         self.config = config
         unknown = set(config.mix) - set(tasks.CATEGORIES)
         if unknown:
@@ -121,6 +113,12 @@ class World:
             c: [f for f in FAMILIES if f.category == c] for c in tasks.CATEGORIES
         }
         self.labelers = LabelerPool(self)
+
+    @classmethod
+    def from_config(cls, section, **extra) -> World:
+        """The world of a config section ``{seed, overrides}`` (``extra`` wins)."""
+        overrides = dict(section.get("overrides") or {})
+        return cls.build(int(section["seed"]), **{**overrides, **extra})
 
     @classmethod
     def build(cls, seed: int = 0, **overrides) -> World:
@@ -274,14 +272,10 @@ class World:
     # ---- corpora and datasets (thin wrappers; see corpus.py, heldout.py, datasets.py) ------
     def pretraining_corpus(self, num_docs: int, seed: int | np.random.Generator | None = None):
         """list[str] of plain documents; see ``corpus.pretraining_corpus``."""
-        from instructrl.world import corpus
-
         return corpus.pretraining_corpus(self, num_docs, seed)
 
     def heldout_tasks(self, num_per_family: int, seed: int | np.random.Generator | None = None):
         """list[dict] of held-out "public NLP" items; see ``heldout.heldout_tasks``."""
-        from instructrl.world import heldout
-
         return heldout.heldout_tasks(self, num_per_family, seed)
 
     def fewshot_prompt(
@@ -315,3 +309,12 @@ class World:
 
 def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
+
+
+def gold_scorer(section, records: list[dict]):
+    """callable(texts) -> gold scores of responses to world prompt ``records``, for a config's
+    ``world`` section ``{seed, overrides}``; None without a world or for non-world records."""
+    if not section or not records or "spec" not in records[0]:
+        return None
+    world = World.from_config(section)
+    return lambda texts: [world.score(r, t)["score"] for r, t in zip(records, texts, strict=True)]
