@@ -7,7 +7,10 @@ Resume order (every stage):
      or a pretrained file (``hf:DIR``, ``gguf:FILE``: ``convert.load_params`` reads all three);
   3. else the freshly initialized state.
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact.
+mid-save leaves the previous checkpoint intact. Once a step is on local disk it is sealed: the
+size and CRC-32 of each of its files go to ``<step>/instructrl_sums.json``, and a step whose
+files no longer match (a flipped byte, a truncated file) is never handed to orbax: restoring
+falls back to the newest step that matches (``restore_latest``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import zlib
 from typing import Any
 
 import jax
@@ -33,8 +38,62 @@ def manager(directory: str, keep: int = 2, async_save: bool = True):
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
-    """Save a dict of arrays (e.g. {"step", "params", "opt_state"}); async when configured."""
-    return mngr.save(step, args=ocp.args.PyTreeSave(state), force=force)
+    """Save a dict of arrays (e.g. {"step", "params", "opt_state"}); async when configured.
+    Steps already complete on disk (this one too, when synchronous) are sealed."""
+    saved = mngr.save(step, args=ocp.args.PyTreeSave(state), force=force)
+    seal(mngr)
+    return saved
+
+
+SUMS = "instructrl_sums.json"
+
+
+def _file_sums(step_dir: str) -> dict[str, list[int]]:
+    sums = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel == SUMS:
+                continue
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    crc = zlib.crc32(chunk, crc)
+            sums[rel] = [os.path.getsize(path), crc]
+    return sums
+
+
+def seal(mngr: ocp.CheckpointManager) -> None:
+    """Write the file sums of every complete local step that has none (process 0)."""
+    if jax.process_index() != 0:
+        return
+    for step in mngr.all_steps():
+        step_dir = os.path.join(str(mngr.directory), str(step))
+        target = os.path.join(step_dir, SUMS)
+        if os.path.isdir(step_dir) and not os.path.exists(target):
+            sums = _file_sums(step_dir)
+            with open(target + ".tmp", "w") as f:
+                json.dump(sums, f)
+            os.replace(target + ".tmp", target)
+
+
+def verify(step_dir: str) -> str | None:
+    """Why a sealed step's files do not match their sums (None: they match, or no seal)."""
+    target = os.path.join(step_dir, SUMS)
+    if not os.path.exists(target):
+        return None
+    with open(target) as f:
+        want = json.load(f)
+    got = _file_sums(step_dir)
+    for rel, (size, crc) in want.items():
+        if rel not in got:
+            return f"{rel} is missing"
+        if got[rel][0] != size:
+            return f"{rel} has {got[rel][0]} bytes, {size} were written"
+        if got[rel][1] != crc:
+            return f"{rel} does not match its CRC-32"
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -44,21 +103,35 @@ class CheckpointError(RuntimeError):
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict) -> tuple[dict | None, int]:
     """(state, step) of the newest checkpoint that restores, or (None, 0) when there is none.
 
-    A checkpoint that fails to restore (a flipped byte, a truncated file) is skipped with a
-    warning naming it, and the next older one is tried; when every one fails, CheckpointError
-    names them all rather than starting over and overwriting them.
+    A checkpoint that fails to restore (a flipped byte, a truncated file) is moved aside to
+    ``<directory>.corrupt/<step>`` with a warning naming it, and the next older one is tried;
+    when every one fails, CheckpointError names them all (and they stay in place): a run never
+    starts over on top of checkpoints it could not read.
     """
     failures = []
     for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            return restore(mngr, step, abstract_state), step
-        except Exception as e:  # orbax / tensorstore raise many kinds; each is a bad checkpoint
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            path = os.path.join(str(mngr.directory), str(step))
+        path = os.path.join(str(mngr.directory), str(step))
+        reason = verify(path) if os.path.isdir(path) else None
+        if reason is None:
+            try:
+                state = restore(mngr, step, abstract_state)
+            except Exception as e:  # orbax / tensorstore raise many kinds: a bad checkpoint
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if reason is not None:
             log.warning("checkpoint %s does not restore (%s); trying an older one", path, reason)
-            failures.append(f"{path} ({reason})")
+            failures.append((path, reason))
+            continue
+        for path, _ in failures:  # newer than the one restored: out of the run's way, kept
+            aside = os.path.join(str(mngr.directory) + ".corrupt", os.path.basename(path))
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.move(path, aside)
+            log.warning("moved the unreadable checkpoint %s to %s", path, aside)
+        mngr.reload()
+        return state, step
     if failures:
-        raise CheckpointError("no checkpoint restores: " + "; ".join(failures))
+        shown = "; ".join(f"{path} ({reason})" for path, reason in failures)
+        raise CheckpointError(f"no checkpoint restores: {shown}")
     return None, 0
 
 
@@ -106,6 +179,9 @@ def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> An
     shardings of ``abstract_params``. ``abstract_params`` may be a sub-tree of that stage's
     params (e.g. the trunk without the LM head); extra saved entries are ignored."""
     directory, step = params_source(workdir)
+    reason = verify(os.path.join(directory, str(step)))
+    if reason is not None:
+        raise CheckpointError(f"init_from={workdir!r}: {directory}/{step} is damaged ({reason})")
     # A single-item manager: reading the metadata needs the item's handler (without one orbax
     # warns that the item "could not be restored", though the restore below works).
     mngr = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import types
 from collections.abc import Iterable, Sequence
@@ -223,8 +224,16 @@ def config_path(name_or_path: str) -> str:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``FILE[:ARG]`` -> the locked ConfigDict of ``get_config(ARG)``."""
+    """``FILE[:ARG]`` -> the locked ConfigDict of ``get_config(ARG)``; a ``.json`` file is a
+    config as JSON, or a stage's run_info.json (its ``config``: rerun a stage as it ran)."""
     path, _, arg = spec.partition(":")
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found")
+        with open(path) as f:
+            data = json.load(f)
+        config = data["config"] if isinstance(data.get("config"), dict) else data  # run_info
+        return ml_collections.ConfigDict(config).lock()
     path = config_path(path)
     name = "instructrl_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)

@@ -26,6 +26,7 @@ from flax import linen as nn
 from instructrl import losses, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.sampler import generate
+from instructrl.world import gold_scorer
 
 REGISTRY: dict[str, Callable[..., Any]] = {}
 GROUPS = {"train": 0, "heldout": 1}  # labeler groups of ranking rows (rm.encode_rankings)
@@ -198,8 +199,6 @@ class PolicyEval:
     prompts, sampled from the EMA policy (``use_ema``) at the stage's sampling settings."""
 
     def __init__(self, context, use_ema: bool = True, prefix: str = "eval"):
-        from instructrl.world import gold_scorer
-
         self.ctx, self.use_ema, self.prefix = context, use_ema, prefix
         models, hp = context["models"], context["ppo_hparams"]
         self._gen = jax.jit(hp.generate_fn(models))

@@ -13,6 +13,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # TensorBoard events are optional: metrics.jsonl is always written
+    from tensorboardX import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
 
 class NonFiniteError(FloatingPointError):
     pass
@@ -42,12 +47,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-        except ImportError:
-            self._tb = None
+        self._tb = SummaryWriter(os.path.join(workdir, "tb")) if SummaryWriter else None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from instructrl import convert, losses, scoring, sharding
+from instructrl import config_lib, convert, losses, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data.lm import left_pad
 from instructrl.model import ModelConfig, Transformer
@@ -258,8 +258,6 @@ def stage_config(workdir: str) -> ml_collections.ConfigDict:
     model_json = os.path.join(workdir, "model.json")
     if not os.path.isfile(model_json):
         raise FileNotFoundError(f"{workdir}: not a stage workdir (no run_info.json or model.json)")
-    from instructrl import config_lib
-
     c = config_lib.base_config()
     with open(model_json) as f:
         fields = json.load(f)

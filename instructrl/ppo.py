@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from instructrl import losses, scoring, sharding
+from instructrl import checkpoint, losses, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.model import Transformer
@@ -429,8 +429,6 @@ def run(config, workdir: str) -> PPOState:
         jit_step=False,
         tokens_per_step=lambda b: int(batch_size * hp.max_new_tokens),
     )
-    from instructrl import checkpoint
-
     checkpoint.export_params(workdir, state.ema_params, {"params": "ema", "iterations": iterations})
     run.finish(iterations=iterations)
     return state

@@ -177,7 +177,7 @@ def markdown(report: dict) -> str:
 
 def plots(report: dict, directory: str) -> list[str]:
     """PNG figures; returns their paths (none when matplotlib is missing)."""
-    try:
+    try:  # optional: the plots extra
         import matplotlib
 
         matplotlib.use("Agg")
@@ -199,7 +199,7 @@ def plots(report: dict, directory: str) -> list[str]:
     axes[1].set(title="KL to SFT (nats / response)", xlabel="PPO iteration")
     for ax in axes:
         ax.legend()
-    paths.append(_save(fig, directory, "reward_kl_curves.png"))
+    paths.append(_save(fig, directory, "reward_kl_curves.png", plt))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     w = [models[n]["win_rate_vs_sft"] for n in names]
@@ -207,7 +207,7 @@ def plots(report: dict, directory: str) -> list[str]:
     ax.bar(names, [x["mean"] for x in w], yerr=err)
     ax.axhline(0.5, color="gray", ls="--")
     ax.set(title="Win rate against SFT (held-out labelers, 95% CI)", ylim=(0, 1))
-    paths.append(_save(fig, directory, "win_rates.png"))
+    paths.append(_save(fig, directory, "win_rates.png", plt))
 
     fig, ax = plt.subplots(figsize=(10, 3.5))
     width = 0.8 / len(names)
@@ -218,7 +218,7 @@ def plots(report: dict, directory: str) -> list[str]:
     ax.set_xticklabels([a.replace("_", "\n") for a in ATTRIBUTES], fontsize=7)
     ax.set(title="Attributes (labeler-judged rates)", ylim=(0, 1))
     ax.legend(fontsize=7)
-    paths.append(_save(fig, directory, "attributes.png"))
+    paths.append(_save(fig, directory, "attributes.png", plt))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     tax = [n for n in names if n != "base_fewshot"]
@@ -226,16 +226,14 @@ def plots(report: dict, directory: str) -> list[str]:
     axes[0].set(title="Held-out pretraining loss (lower is better)")
     axes[1].bar(tax, [models[n]["fewshot_heldout"]["mean"] for n in tax])
     axes[1].set(title="Held-out few-shot tasks (higher is better)")
-    paths.append(_save(fig, directory, "alignment_tax.png"))
+    paths.append(_save(fig, directory, "alignment_tax.png", plt))
     return paths
 
 
-def _save(fig, directory, name):
+def _save(fig, directory, name, plt):
     path = os.path.join(directory, name)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
 

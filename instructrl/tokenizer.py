@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import tokenizers
 
 
 class Tokenizer:
@@ -57,8 +58,6 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
-        import tokenizers
-
         path = os.path.expanduser(path)
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         json_file = path if path.endswith(".json") and os.path.isfile(path) else None

@@ -22,6 +22,10 @@ does the rest:
               (and a stage's own ``time/*`` metrics), written to run_info.json;
   DONE        ``Run.finish`` writes run_info.json and workdir/DONE once the stage's outputs
               (e.g. the RM's normalized export) are written.
+
+For resume tests, ``INSTRUCTRL_PAUSE_AFTER_CHECKPOINT=<workdir name>:<step>[,...]`` makes the
+run stop after that checkpoint is on disk (marked by ``workdir/PAUSED_AT_<step>``) and sleep
+until it is killed; a rerun finds the marker and goes on. Nothing else reads the environment.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from instructrl import checkpoint, evaluators, sharding
+from instructrl import checkpoint, convert, evaluators, sharding
 from instructrl.metrics import (
     MetricWriter,
     Progress,
@@ -164,8 +168,6 @@ class Run:
 
     def load(self, source: str, abstract):
         """Params of ``source`` (a stage workdir, hf:DIR or gguf:FILE) into ``abstract``."""
-        from instructrl import convert  # pretrained formats: gguf/safetensors readers
-
         with self.timers.time("restore"):
             return convert.load_params(source, abstract)
 
@@ -283,10 +285,12 @@ class Run:
                 if done % every_save == 0 or done == steps:
                     with timers.time("checkpointing"):
                         checkpoint.save(mngr, done, state_dict(state), force=True)
+                    _pause_if_asked(workdir, done, mngr)
                 progress.update(done)
         finally:
             with timers.time("checkpointing"):
                 mngr.wait_until_finished()
+                checkpoint.seal(mngr)
                 mngr.close()
                 if best is not None:
                     best.close()
@@ -313,6 +317,23 @@ class Run:
         """run_info.json with every timing, then workdir/DONE (the stage's outputs are final)."""
         self.write_info(**info)
         mark_done(self.workdir)
+
+
+PAUSE_ENV = "INSTRUCTRL_PAUSE_AFTER_CHECKPOINT"
+
+
+def _pause_if_asked(workdir: str, step: int, mngr) -> None:
+    """The resume tests' kill point (module docstring): after checkpoint ``step`` of a run in
+    a directory named as asked, wait for the checkpoint, mark it and sleep until killed."""
+    wanted = {item.strip() for item in os.environ.get(PAUSE_ENV, "").split(",") if item.strip()}
+    marker = os.path.join(workdir, f"PAUSED_AT_{step}")
+    if f"{os.path.basename(os.path.abspath(workdir))}:{step}" in wanted and not os.path.exists(
+        marker
+    ):
+        mngr.wait_until_finished()
+        with open(marker, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(3600)
 
 
 def mark_done(workdir: str) -> None:
@@ -346,6 +367,8 @@ class _Best:
         if self.value is not None and self.sign * value >= self.sign * self.value:
             return
         self.value = value
+        if step in self.mngr.all_steps():  # a resumed run on a new schedule passes it again
+            self.mngr.delete(step)
         checkpoint.save(self.mngr, step, {"params": state.params}, force=True)
         self.mngr.wait_until_finished()
         if jax.process_index() == 0:

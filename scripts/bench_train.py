@@ -2,6 +2,12 @@
 
   python scripts/bench_train.py --preset gpt2-small --batch 32 --seq 1024 --dtype bfloat16
   python scripts/bench_train.py --preset tiny --steps 5 --peak-tflops 1   # CPU smoke run
+  python scripts/bench_train.py --preset small --batch 16 --seq 256 --dtype float32 --hf
+
+With ``--hf`` the ``transformers`` model of the same shape (GPT-2 or Llama) trains on the same
+tokens in the same process, eager PyTorch, float32 on the CPU (the dtype asked for on a GPU):
+AdamW with the same betas, epsilon, weight decay and gradient clipping, dropout off, SDPA
+attention; both tokens/s and their ratio are printed.
 
 MFU = achieved model FLOP/s over the device's peak, with model FLOPs per token
 6 * N + 12 * L * H * Q * T (PaLM, Chowdhery et al. 2022, appendix B): N the parameters used in
@@ -71,6 +77,7 @@ def main(argv=None):
     p.add_argument("--mesh", default="data=-1", help="e.g. data=1,fsdp=8,tensor=1")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak; else known")
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--hf", action="store_true", help="also time transformers in PyTorch")
     args = p.parse_args(argv)
 
     jax.config.update("jax_threefry_partitionable", True)
@@ -152,6 +159,14 @@ def main(argv=None):
         "warmup_s": compile_s,
         "loss": float(metrics["loss"]),
     }
+    if args.hf:
+        import torch  # optional: the parity reference (the test extra)
+
+        result["hf_torch"] = torch.__version__
+    if args.hf:
+        hf = hf_tokens_per_s(cfg, toks, args.steps)
+        result["hf_tokens_per_s"] = hf
+        result["ratio_vs_hf"] = tokens_per_s / hf if hf else None
     print(json.dumps(result, indent=2))
     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (pass --peak-tflops)"
     mem = f"{result['peak_device_memory_gib']:.2f} GiB" if peak_mem else "n/a"
@@ -159,10 +174,76 @@ def main(argv=None):
         f"{args.preset} {device.device_kind} x{jax.device_count()}: "
         f"{tokens_per_s:,.0f} tokens/s, MFU {mfu_text}, peak device memory {mem}"
     )
+    if args.hf:
+        print(
+            f"transformers (PyTorch {result['hf_torch']}) same shape: "
+            f"{result['hf_tokens_per_s']:,.0f} tokens/s; instructrl / transformers = "
+            f"{result['ratio_vs_hf']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def hf_model(cfg):
+    """A ``transformers`` model of ``cfg``'s shape (GPT-2 for the gpt family, else Llama),
+    dropout off."""
+    import transformers  # optional: the parity reference (the test extra)
+
+    if cfg.family == "gpt":
+        hf_cfg = transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.hidden_dim,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new", attn_implementation="sdpa",
+        )  # fmt: skip
+        return transformers.GPT2LMHeadModel(hf_cfg)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_len,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tied,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(hf_cfg)
+
+
+def hf_tokens_per_s(cfg, tokens: np.ndarray, steps: int, warmup: int = 2) -> float:
+    """Train-step tokens/s of the transformers model on ``tokens`` (B, T + 1), eager."""
+    import torch  # optional: the parity reference (the test extra)
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else getattr(torch, cfg.dtype)
+    model = hf_model(cfg).to(device=device, dtype=dtype).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    inputs = torch.from_numpy(tokens[:, :-1].astype(np.int64)).to(device)
+    targets = torch.from_numpy(tokens[:, 1:].astype(np.int64)).to(device)
+
+    def step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    return inputs.numel() * steps / elapsed
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def run(
     heldout_pairs: int | None = None,
 ) -> dict:
     from instructrl.convert.workdir import import_to_workdir
-    from instructrl.main import run_stage
+    from instructrl.stages import TRAINERS
 
     recipe = load_recipe(recipe_path)
     paths = recipe.paths(root)
@@ -130,7 +130,7 @@ def run(
         config = recipe.get_config(
             ",".join(x for x in (f"stage={stage}", f"root={root}", arg) if x)
         )
-        run_stage(config, paths[stage])
+        TRAINERS[config.stage](config, paths[stage])
     return summarize(paths)
 
 

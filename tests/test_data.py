@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from instructrl.data import lm as lm_data
+from instructrl.data import sources
 from instructrl.tokenizer import ByteTokenizer, HFTokenizer
 
 
@@ -52,24 +53,24 @@ def test_demonstration_errors_name_file_record_and_field(tmp_path):
     path = tmp_path / "demos.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n\n{"prompt": "p", "response": 3}\n')
     with pytest.raises(lm_data.DataError, match=r"demos.jsonl:3: field 'response' must be"):
-        lm_data.load_demonstrations(str(path))[0]
+        sources.read_demonstrations(str(path))[0]
     path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p",\n')
     with pytest.raises(lm_data.DataError, match=r"demos.jsonl:2: malformed JSON"):
-        lm_data.load_demonstrations(str(path))[0]
+        sources.read_demonstrations(str(path))[0]
     path.write_text('{"prompt": "p"}\n')
     with pytest.raises(lm_data.DataError, match=r"demos.jsonl:1: missing field 'response'"):
-        lm_data.load_demonstrations(str(path))[0]
+        sources.read_demonstrations(str(path))[0]
     path.write_text('{"prompt": "p", "response": "  "}\n')
     with pytest.raises(lm_data.DataError, match="empty"):
-        lm_data.load_demonstrations(str(path))[0]
+        sources.read_demonstrations(str(path))[0]
 
 
 def test_alpaca_demonstrations(shared_data):
     path = os.path.join(shared_data, "demonstrations", "alpaca-5000.json")
     # The real file has records with an empty output: an error by default, counted when skipped.
     with pytest.raises(lm_data.DataError, match=r"alpaca-5000.json: record \d+: field 'output'"):
-        lm_data.load_demonstrations(path)
-    demos, invalid = lm_data.load_demonstrations(path, skip_invalid=True)
+        sources.read_demonstrations(path)
+    demos, invalid = sources.read_demonstrations(path, skip_invalid=True)
     assert invalid > 0 and len(demos) + invalid == 5000
     with_input = json.load(open(os.path.join(shared_data, "demonstrations", "alpaca-5000.json")))
     first = next(r for r in with_input if r["input"] and r["output"].strip())

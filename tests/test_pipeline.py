@@ -1,14 +1,36 @@
 """The whole pipeline on its runlocal config: stages hand off, rankings are of SFT samples,
-the report has every key, finished stages are not recomputed and an interrupted run resumes."""
+the report has every key, finished stages are not recomputed, and a pipeline SIGKILLed inside
+every training stage resumes to the same params, metrics and report."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from instructrl import evaluate, pipeline, report
+from instructrl import config_lib, evaluate, pipeline, report, stages
+from instructrl.train import PAUSE_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Checkpoints often enough to be killed between them (their schedule changes no number).
+CHECKPOINTS = {"pretrain": 10, "sft": 4, "rm": 5, "rl": 1}
+# Where the resume test kills each training stage: after this checkpoint, before DONE.
+KILL_AT = {"pretrain": 10, "sft": 4, "rm": 5, "ppo": 1, "ppo_ptx": 1}
+TRAINED = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+
+
+def _config():
+    c = config_lib.load_config("pipeline:runlocal").unlock()
+    for section, every in CHECKPOINTS.items():
+        c[section].checkpoint.every_steps = every
+    return c.lock()
+
 
 REQUIRED = ("win_rate_vs_sft", "gold_score", "likert", "kl_to_sft", "pretrain_loss", "rm_score")
 
@@ -22,27 +44,92 @@ def _params(stage_dir, sub="checkpoints"):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    config = pipeline.default_config("runlocal")
+    config = _config()
     workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
     # Interrupted after the reward model: the first call stops there ...
     partial = config.copy_and_resolve_references()
-    partial.stages = list(pipeline.STAGES[:5])
+    partial.stages = list(pipeline.STAGE_NAMES[:5])
     first = pipeline.run(partial, workdir)
-    assert set(first) == set(pipeline.STAGES[:5])
+    assert set(first) == set(pipeline.STAGE_NAMES[:5])
     stamps = {s: os.path.getmtime(os.path.join(workdir, s, "DONE")) for s in first}
     # ... and the second call resumes with the stages that had not run.
     second = pipeline.run(config, workdir)
     return config, workdir, stamps, second
 
 
+@pytest.fixture(scope="module")
+def killed(run, tmp_path_factory):
+    """The same pipeline through the command line, SIGKILLed after a checkpoint of every
+    training stage (``KILL_AT``) and rerun each time until it finishes."""
+    workdir = str(tmp_path_factory.mktemp("killed") / "run")
+    overrides = [f"--config.{s}.checkpoint.every_steps={n}" for s, n in CHECKPOINTS.items()]
+    cmd = [sys.executable, "-m", "instructrl.main", "pipeline", "--config",
+           "configs/pipeline.py:runlocal", "--workdir", workdir, *overrides]  # fmt: skip
+    env = {**os.environ, PAUSE_ENV: ",".join(f"{s}:{n}" for s, n in KILL_AT.items())}
+    kills = []
+    for _ in range(len(KILL_AT) + 1):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            paused = [s for s, n in KILL_AT.items() if s not in kills
+                      and os.path.exists(os.path.join(workdir, s, f"PAUSED_AT_{n}"))]  # fmt: skip
+            if paused:
+                assert not os.path.exists(os.path.join(workdir, paused[0], "DONE"))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills.append(paused[0])
+                break
+            time.sleep(0.05)
+        else:
+            stderr = proc.stderr.read()
+            assert proc.returncode == 0, stderr[-3000:]
+            break
+    assert kills == list(KILL_AT), kills
+    return workdir
+
+
+def _rows(path, drop=("tokens_per_s",)):
+    if not os.path.exists(path):
+        return []
+    rows = [json.loads(line) for line in open(path)]
+    return [{k: v for k, v in r.items() if not k.endswith(drop)} for r in rows]
+
+
+@pytest.mark.parametrize("stage", TRAINED)
+def test_killed_stage_resumes_bitwise(run, killed, stage):
+    """Each training stage, SIGKILLed after a checkpoint and rerun, ends with the params and
+    the metrics (and samples) of the uninterrupted run."""
+    ref_dir, got_dir = os.path.join(run[1], stage), os.path.join(killed, stage)
+    with open(os.path.join(got_dir, "run_info.json")) as f:
+        assert json.load(f)["resumed_from"] == KILL_AT[stage]
+    for sub in ("checkpoints", "export", "best"):
+        if os.path.isdir(os.path.join(ref_dir, sub)):
+            want, got = _params(ref_dir, sub), _params(got_dir, sub)
+            for (path, a), (_, b) in zip(_leaves(want), _leaves(got), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{stage}/{sub}{path}")
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert _rows(os.path.join(got_dir, name)) == _rows(os.path.join(ref_dir, name)), name
+
+
+def test_killed_pipeline_resumes_to_the_same_report(run, killed):
+    want, got = (json.load(open(os.path.join(d, "report.json"))) for d in (run[1], killed))
+    want.pop("timings"), got.pop("timings")
+    assert got == want
+
+
+def _leaves(tree):
+    return [(p, np.asarray(v)) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def test_resumes_without_recomputing_finished_stages(run):
     config, workdir, stamps, timings = run
     for stage, stamp in stamps.items():
         assert os.path.getmtime(os.path.join(workdir, stage, "DONE")) == stamp, stage
-    assert set(timings) == set(pipeline.STAGES)  # the timings file keeps earlier stages
+    assert set(timings) == set(pipeline.STAGE_NAMES)  # the timings file keeps earlier stages
     again = pipeline.run(config, workdir)
     assert again == timings
-    for stage in pipeline.STAGES:
+    for stage in pipeline.STAGE_NAMES:
         assert os.path.exists(os.path.join(workdir, stage, "DONE"))
 
 
@@ -60,7 +147,7 @@ def test_stages_hand_off_through_init_from(run):
 
 def test_rankings_are_sft_samples_ranked_by_the_right_labelers(run):
     config, workdir, _, _ = run
-    world = pipeline.build_world(config)
+    world = stages.build_world(config)
     train_ids = {lab.labeler_id for lab in world.labelers.train}
     heldout_ids = {lab.labeler_id for lab in world.labelers.heldout}
     rows = [json.loads(x) for x in open(os.path.join(workdir, "rankings", "rankings_train.jsonl"))]
@@ -83,9 +170,9 @@ def test_report_has_every_model_and_key(run):
     _, workdir, _, _ = run
     with open(os.path.join(workdir, "report.json")) as f:
         rep = json.load(f)
-    assert set(rep["models"]) == set(evaluate.MODELS)
+    assert set(rep["models"]) == set(report.MODELS)
     for name, m in rep["models"].items():
-        for key in REQUIRED + evaluate.ATTRIBUTES:
+        for key in REQUIRED + report.ATTRIBUTES:
             assert key in m, (name, key)
         w = m["win_rate_vs_sft"]
         assert 0 <= w["low"] <= w["mean"] <= w["high"] <= 1
@@ -194,8 +281,6 @@ def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
     transformers loads unchanged, with the same logits (PPO's EMA policy) or rewards (RM)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ml_collections
-
     from instructrl.convert.__main__ import main as convert_main
     from instructrl.model import Transformer
     from instructrl.policy_io import Toolkit
@@ -203,8 +288,7 @@ def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
     _, workdir, _, _ = run
     stage_dir = os.path.join(workdir, stage)
     out = convert_main(["--export", stage_dir, "--out", str(tmp_path / "hf")])
-    with open(os.path.join(stage_dir, "run_info.json")) as f:
-        tk = Toolkit(ml_collections.ConfigDict(json.load(f)["config"]))
+    tk = Toolkit.from_workdir(stage_dir)
     head = "scalar" if stage == "rm" else "lm"
     params = tk.params(stage_dir, head=head)
     tokens = np.random.default_rng(0).integers(1, tk.tokenizer.vocab_size, (2, 12)).astype(np.int32)

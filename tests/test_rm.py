@@ -84,9 +84,10 @@ def test_rm_learns_world_rankings_and_normalizes(tmp_path):
     from instructrl import sharding
     from instructrl.model import Transformer
     from instructrl.presets import preset
+    from instructrl.scoring import rewards_at_last
 
     model = Transformer(preset("tiny", vocab_size=384), head="scalar")
-    rewards = rm.rewards_at_last(
+    rewards = rewards_at_last(
         model, state.params, arrays["tokens"], arrays["last"], sharding.LOGICAL_RULES
     )
     assert abs(float(np.asarray(rewards)[:, 0].mean())) < 1e-3

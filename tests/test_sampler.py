@@ -15,27 +15,24 @@ from instructrl.sampler import filter_logits, generate
 
 
 def _recompute_greedy(model, params, tokens, mask, max_new_tokens, eos_id, pad_id):
-    """The reference: greedy decoding by a full forward pass over the whole sequence per new
-    token (no cache), in NumPy-visible steps. Returns tokens, log-probs, mask (B, N)."""
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
-    batch = len(tokens)
-    out_tokens = np.full((batch, max_new_tokens), pad_id, np.int32)
+    """The reference: greedy decoding by a full forward pass over the whole (prompt + new
+    tokens) buffer for every new token, no cache. Returns tokens, log-probs, mask (B, N)."""
+    batch, prompt_len = tokens.shape
+    seq = np.concatenate([tokens, np.full((batch, max_new_tokens), pad_id, np.int32)], axis=1)
+    seq_mask = np.concatenate([mask, np.zeros((batch, max_new_tokens), np.int32)], axis=1)
+    forward = jax.jit(lambda p, t, m: model.apply({"params": p}, t, attention_mask=m))
     out_logp = np.zeros((batch, max_new_tokens), np.float32)
-    out_mask = np.zeros((batch, max_new_tokens), np.int32)
     done = np.zeros(batch, bool)
     for i in range(max_new_tokens):
-        seq = np.concatenate([tokens, out_tokens[:, :i]], axis=1)
-        seq_mask = np.concatenate([mask, out_mask[:, :i]], axis=1)
-        logits = np.asarray(model.apply({"params": params}, seq, attention_mask=seq_mask))[:, -1]
+        pos = prompt_len + i
+        logits = np.asarray(forward(params, seq, seq_mask))[:, pos - 1]
         logp = np.asarray(jax.nn.log_softmax(logits))
         new = logits.argmax(-1)
-        out_tokens[:, i] = np.where(done, pad_id, new)
+        seq[:, pos] = np.where(done, pad_id, new)
+        seq_mask[:, pos] = ~done
         out_logp[:, i] = np.where(done, 0.0, logp[np.arange(batch), new])
-        out_mask[:, i] = ~done
-        done |= out_tokens[:, i] == eos_id
-        if done.all():
-            break
-    return out_tokens, out_logp, out_mask
+        done |= seq[:, pos] == eos_id
+    return seq[:, prompt_len:], out_logp, seq_mask[:, prompt_len:]
 
 
 def _model(name, vocab_size=61, **kw):
@@ -207,8 +204,7 @@ def test_sharded_generate_matches_single_device(name, mesh_shape, temperatures):
                 rules=rules,
             )
         )
-        with mesh:
-            out = gen(placed, batch["tokens"], batch["mask"], jax.random.key(7))
+        out = gen(placed, batch["tokens"], batch["mask"], jax.random.key(7))
         return placed, out
 
     one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

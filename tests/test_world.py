@@ -391,15 +391,14 @@ def test_build_all_writes_every_dataset_deterministically(tmp_path):
 
 
 def test_demonstrations_load_with_the_real_data_loader(tmp_path):
-    lm = pytest.importorskip("instructrl.data.lm")
+    from instructrl.data import sources
+
     w = World.build(seed=0)
     demos = w.demonstrations(w.sample_prompts(10, seed=0))
     path = tmp_path / "demos.jsonl"
     world_datasets.write_jsonl(str(path), demos)
-    loaded = lm.load_demonstrations(str(path))
-    if isinstance(loaded, tuple):  # (records, number skipped)
-        loaded, skipped = loaded
-        assert skipped == 0
+    loaded, skipped = sources.read_demonstrations(str(path))
+    assert skipped == 0
     assert [(d["prompt"], d["response"]) for d in demos] == [
         (d["prompt"], d["response"]) for d in loaded
     ]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from instructrl import checkpoint, sharding
+from instructrl.convert import hf
 from instructrl.convert.hf import export_hf, hf_config
 from instructrl.convert.loading import load_into
 from instructrl.model import ModelConfig, Transformer
@@ -53,11 +54,9 @@ def open_source(source: str):
     """(ModelConfig, head, sources, reader) of a HF directory or a GGUF file, checked."""
     path = os.path.expanduser(_strip(source))
     if is_gguf(source):
-        from instructrl.convert import gguf
+        from instructrl.convert import gguf  # the optional gguf package
 
         return gguf.open_checkpoint(path)
-    from instructrl.convert import hf
-
     return hf.open_checkpoint(path)
 
 

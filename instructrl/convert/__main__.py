@@ -26,14 +26,16 @@ import json
 import logging
 import os
 
+import jax
+import ml_collections
+
+from instructrl.convert.hf import export_hf
+from instructrl.convert.workdir import import_to_workdir
+from instructrl.policy_io import Toolkit
+
 
 def export_stage(workdir: str, out: str, head: str | None = None) -> str:
     """Write the params ``workdir`` exported as a Hugging Face directory ``out``."""
-    import ml_collections
-
-    from instructrl.convert.hf import export_hf
-    from instructrl.policy_io import Toolkit
-
     info_path = os.path.join(workdir, "run_info.json")
     if not os.path.isfile(info_path):
         raise FileNotFoundError(f"{info_path}: not a stage workdir (no run_info.json)")
@@ -65,15 +67,11 @@ def main(argv=None):
     if (args.source and not args.workdir) or (args.export and not args.out):
         parser.error("--source needs --workdir; --export needs --out")
     logging.basicConfig(level=logging.INFO)
-    import jax
-
     jax.config.update("jax_threefry_partitionable", True)
     if args.export:
         out = export_stage(args.export, args.out, args.head)
         print(f"exported {args.export} -> {out}")
         return out
-    from instructrl.convert.workdir import import_to_workdir
-
     import_to_workdir(args.source, args.workdir, param_dtype=args.param_dtype)
     print(f"imported {args.source} -> {args.workdir}")
     return args.workdir

@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from instructrl.convert import hf
 from instructrl.convert.loading import check_sources, used_tensors
@@ -62,7 +63,7 @@ class GGUFFile:
     """Tensors of a GGUF file under Hugging Face Llama names, dequantized on read."""
 
     def __init__(self, path: str):
-        import gguf
+        import gguf  # optional: the gguf package reads and dequantizes the file
 
         self.path = path
         self._gguf = gguf
@@ -168,8 +169,6 @@ def open_checkpoint(path: str):
 
 def tokenizer_json(meta: dict[str, Any]):
     """A ``tokenizers.Tokenizer`` rebuilt from the GGUF tokenizer metadata (BPE, byte level)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE)")
@@ -195,7 +194,7 @@ def tokenizer_json(meta: dict[str, Any]):
 
 def write_tokenizer(path: str, directory: str) -> str:
     """tokenizer.json + tokenizer_config.json (eos, pad, bos, chat template) of a GGUF file."""
-    import gguf
+    import gguf  # optional: the gguf package reads the file's metadata
 
     reader = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}

@@ -24,7 +24,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from instructrl.convert.loading import Source, const, identity, transpose
+from instructrl.convert.loading import (
+    Source,
+    check_sources,
+    const,
+    identity,
+    transpose,
+    used_tensors,
+)
 from instructrl.convert.safetensors import SafetensorsReader, save_file
 from instructrl.model import ModelConfig
 
@@ -289,8 +296,6 @@ def read_config(directory: str) -> tuple[ModelConfig, str, dict[str, Any]]:
 
 def open_checkpoint(directory: str) -> tuple[ModelConfig, str, dict, AliasedReader]:
     """Config, head, Sources and a reader of a Hugging Face directory, all tensors checked."""
-    from instructrl.convert.loading import check_sources, used_tensors
-
     cfg, head, hf = read_config(directory)
     table = sources(cfg, head, float(hf.get(SCORE_BIAS, 0.0)))
     reader = AliasedReader(SafetensorsReader(directory))

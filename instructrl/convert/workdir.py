@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 
-from instructrl import checkpoint
+from instructrl import checkpoint, convert
 from instructrl.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,12 @@ def model_fields(source: str) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    from instructrl import convert
-
     cfg, _ = convert.read_model_config(source)
     return architecture(cfg)
 
 
 def import_to_workdir(source: str, workdir: str, param_dtype: str = "float32") -> ModelConfig:
     """Convert ``source`` into ``workdir``: export/ params, model.json, tokenizer/."""
-    from instructrl import convert
-
     path = convert._strip(source)
     cfg, head, params = convert.load_pretrained(source, param_dtype=param_dtype)
     os.makedirs(workdir, exist_ok=True)
@@ -66,7 +62,7 @@ def import_to_workdir(source: str, workdir: str, param_dtype: str = "float32") -
         json.dump(architecture(cfg), f, indent=2)
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     if convert.is_gguf(source):
-        from instructrl.convert import gguf
+        from instructrl.convert import gguf  # the optional gguf package
 
         gguf.write_tokenizer(path, tokenizer_dir)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):

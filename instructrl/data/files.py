@@ -66,7 +66,7 @@ def json_records(path: str) -> Iterator[Record]:
 
 
 def _load_from_disk(path: str, split: str | None):
-    import datasets
+    import datasets  # heavy (pyarrow): only for the file kinds that need it
 
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -75,7 +75,7 @@ def _load_from_disk(path: str, split: str | None):
 
 
 def _load_files(path: str):
-    import datasets
+    import datasets  # heavy (pyarrow): only for the file kinds that need it
 
     name = path[:-3] if path.endswith(".gz") else path
     builder = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".csv": "csv"}
@@ -89,7 +89,7 @@ def _hf_dataset(path: str, ds) -> Iterator[Record]:
 
 
 def _hf_hub(spec: str, split: str | None) -> Iterator[Record]:
-    import datasets
+    import datasets  # heavy (pyarrow): only for the file kinds that need it
 
     name, _, spec_split = spec.partition(":")
     yield from _hf_dataset(f"hf:{name}", datasets.load_dataset(name, split=spec_split or split))
@@ -97,7 +97,7 @@ def _hf_hub(spec: str, split: str | None) -> Iterator[Record]:
 
 def _tfds(spec: str, split: str | None, data_dir: str | None) -> Iterator[Record]:
     """A prepared TFDS dataset (never downloaded); byte strings are decoded as UTF-8."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # optional: only for tfds: sources
 
     name, _, spec_split = spec.partition(":")
     split = spec_split or split or "train"

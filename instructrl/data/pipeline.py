@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from instructrl.data import formats
@@ -169,8 +170,6 @@ class LMPipeline:
         prefetch: int = 4,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index, process_count = jax.process_index(), jax.process_count()
         if batch_size % process_count:
             raise ValueError(f"batch size {batch_size} not divisible by {process_count} hosts")

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from instructrl.world.seeding import as_rng
 
@@ -113,9 +115,6 @@ def build_rankings(
 
 def train_tokenizer(documents: list[str], vocab_size: int, path: str) -> None:
     """A byte-level BPE (HF ``tokenizers``) with an <|endoftext|> token, saved to ``path``."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from instructrl.world import text
-from instructrl.world.knowledge import Fact, KnowledgeBase
+from instructrl.world.knowledge import RELATIONS, Fact, KnowledgeBase
 
 # Table 1 of the paper: the distribution of use-case categories of the API prompt dataset.
 PAPER_CATEGORY_MIX = {
@@ -129,8 +129,6 @@ def grade_fact_answer(kb: KnowledgeBase, spec: dict, response: str) -> tuple[boo
 
 
 def fact_value_pool(kb: KnowledgeBase, relation: str) -> tuple[str, ...]:
-    from instructrl.world.knowledge import RELATIONS
-
     values = RELATIONS[relation][1]
     if isinstance(values, str):
         return tuple({"person": kb.people, "place": kb.places}[values])
@@ -152,8 +150,6 @@ def fact_answer(kb: KnowledgeBase, spec: dict, variant: int) -> str:
 def unsupported_content(kb: KnowledgeBase, source: str, response: str) -> bool:
     """True when the response names world entities or values, or states facts, absent from the
     source text: the paper's closed-domain hallucination."""
-    from instructrl.world.knowledge import RELATIONS
-
     vocabulary = set(kb.kind)
     for values in (v[1] for v in RELATIONS.values()):
         if not isinstance(values, str):
