@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/main
 # Tests simulate 8 devices on the host CPU; each test module that needs a mesh checks this.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax-tests
 
 .PHONY: venv run test lint format bench clean
 

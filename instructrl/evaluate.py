@@ -31,8 +31,9 @@ import os
 import numpy as np
 
 from instructrl import scoring
+from instructrl.metrics import Timers
 from instructrl.policy_io import Toolkit
-from instructrl.train import is_done
+from instructrl.train import is_done, write_run_info
 from instructrl.world import World, heldout
 from instructrl.world.datasets import read_jsonl
 from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
@@ -132,6 +133,7 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     """
     e = config
     os.makedirs(workdir, exist_ok=True)
+    timers = Timers()
     world = World.from_config(e.world)
     models = dict(models if models is not None else e.models)
     models = {m: d for m, d in models.items() if is_done(d)}
@@ -143,9 +145,10 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     template = tk.template
     records = read_jsonl(os.path.join(e.world_dir, "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
-    params = {m: tk_of[m].params(d) for m, d in models.items()}
-    rm_dir = e.get("reward_model") or ""
-    rm_params = tk.params(rm_dir, head="scalar") if rm_dir and is_done(rm_dir) else None
+    with timers.time("restore"):
+        params = {m: tk_of[m].params(d) for m, d in models.items()}
+        rm_dir = e.get("reward_model") or ""
+        rm_params = tk.params(rm_dir, head="scalar") if rm_dir and is_done(rm_dir) else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
     items = read_jsonl(os.path.join(e.world_dir, "heldout_tasks.jsonl"))
     sampling = scoring.Sampling(
@@ -161,14 +164,15 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
 
     batches = {}
     for m in models:
-        if m.startswith("base_fewshot"):
-            shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-            b = tk_of[m].sample(params[m], shots, template=template, **sample_kwargs)
-            # The answer ends at the separator; it is judged as a response to the prompt.
-            texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
-            b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
-        else:
-            b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
+        with timers.time("sampling"):
+            if m.startswith("base_fewshot"):
+                shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
+                b = tk_of[m].sample(params[m], shots, template=template, **sample_kwargs)
+                # The answer ends at the separator; it is judged as a response to the prompt.
+                texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
+                b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
+            else:
+                b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
         batches[m] = b
         with open(os.path.join(workdir, f"samples_{m}.jsonl"), "w") as f:
             for r, text in zip(records, b.texts, strict=True):
@@ -178,22 +182,25 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     sft_texts = batches["sft"].texts
     for m in models:
         b = batches[m]
-        res = judge(world, records, b.texts, sft_texts)
-        if m.startswith("base_fewshot"):
-            res["kl_to_sft"] = None  # its answers were sampled under another prompt
-        else:
-            logprobs = tk_of[m].logprobs(params[m], b, sampling)
-            ref = tk.logprobs(params["sft"], b, sampling.reference())
-            res["kl_to_sft"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
-        res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
-        res["pretrain_loss"] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
+        with timers.time("judging"):
+            res = judge(world, records, b.texts, sft_texts)
+        with timers.time("scoring"):
+            if m.startswith("base_fewshot"):
+                res["kl_to_sft"] = None  # its answers were sampled under another prompt
+            else:
+                logprobs = tk_of[m].logprobs(params[m], b, sampling)
+                ref = tk.logprobs(params["sft"], b, sampling.reference())
+                res["kl_to_sft"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
+            res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
+            res["pretrain_loss"] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
         twin = m.replace("base_fewshot", "base")  # the same weights, prompted zero-shot
-        if m.startswith("base_fewshot") and twin in results:
-            res["fewshot_heldout"] = results[twin]["fewshot_heldout"]
-        else:
-            res["fewshot_heldout"] = heldout_scores(
-                tk_of[m], params[m], world, items, int(e.heldout_shots), int(e.seed)
-            )
+        with timers.time("heldout_tasks"):
+            if m.startswith("base_fewshot") and twin in results:
+                res["fewshot_heldout"] = results[twin]["fewshot_heldout"]
+            else:
+                res["fewshot_heldout"] = heldout_scores(
+                    tk_of[m], params[m], world, items, int(e.heldout_shots), int(e.seed)
+                )
         results[m] = res
         log.info(
             "evaluate %s: %s",
@@ -209,4 +216,5 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     }
     with open(os.path.join(workdir, "evaluation.json"), "w") as f:
         json.dump(out, f, indent=1)
+    write_run_info(workdir, config, timers, stage="evaluate", models=models)
     return out

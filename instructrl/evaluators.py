@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from instructrl import losses, scoring, sharding
+from instructrl import losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
-from instructrl.sampler import generate
 from instructrl.world import gold_scorer
 
 REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -111,17 +110,9 @@ class Samples:
         ids = [tok.encode(template.format(prompt=p)) for p in self.prompts]
         limit = model.cfg.max_len - max_new_tokens
         self.tokens, self.mask = lm_data.left_pad(ids, tok.pad_id, min(max(map(len, ids)), limit))
-        self._sample = jax.jit(
-            functools.partial(
-                generate,
-                model,
-                max_new_tokens=max_new_tokens,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                temperature=temperature,
-                rules=context["rules"],
-            )
-        )
+        self._sample = sampler.bind(model, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                                    pad_id=tok.pad_id, temperature=temperature,
+                                    rules=context["rules"])  # fmt: skip
 
     def run(self, state):
         tok = self.ctx["tokenizer"]
@@ -201,7 +192,7 @@ class PolicyEval:
     def __init__(self, context, use_ema: bool = True, prefix: str = "eval"):
         self.ctx, self.use_ema, self.prefix = context, use_ema, prefix
         models, hp = context["models"], context["ppo_hparams"]
-        self._gen = jax.jit(hp.generate_fn(models))
+        self._gen = hp.generate_fn(models)
         self._scores = jax.jit(functools.partial(_policy_scores, models, hp.sampling))
         self.records = context["eval_records"]
         self._gold = gold_scorer(context.get("world"), self.records)

@@ -21,7 +21,7 @@ import sys
 
 import jax
 
-from instructrl import config_lib, pipeline, report
+from instructrl import config_lib, pipeline, report, runtime
 from instructrl.checkpoint import CheckpointError
 from instructrl.data.errors import DataError
 from instructrl.stages import TRAINERS
@@ -56,6 +56,8 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, list[tuple[str, str
     parser.add_argument("--print_config", action="store_true", help="print the resolved config")
     parser.add_argument("--jax_distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host)")  # fmt: skip
+    parser.add_argument("--compile_cache", default=runtime.DEFAULT_CACHE,
+                        help="directory of cached XLA executables ('' = off)")  # fmt: skip
     flags = parser.parse_args(rest)
     return command, flags, overrides
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         raise config_lib.ConfigError("--workdir is required")
     if flags.jax_distributed:
         jax.distributed.initialize()
-    jax.config.update("jax_threefry_partitionable", True)
+    runtime.configure(compile_cache=flags.compile_cache)
     _setup_logging()
     if command == "pipeline":
         pipeline.run(config, workdir)

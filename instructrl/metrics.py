@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -85,6 +86,8 @@ class Timers:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        self._faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
@@ -98,7 +101,14 @@ class Timers:
             self.add(name, time.perf_counter() - t0)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+        """The parts' seconds, plus ``total`` (since creation) and ``minor_page_faults`` (of the
+        process since creation: memory the allocator had to fault in afresh)."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self._t0, 3)
+        out["minor_page_faults"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults0
+        )
+        return out
 
 
 class Progress:
@@ -122,6 +132,7 @@ class Progress:
         self._last_draw = 0.0
         self._next_line = self.start
         self._drawn = False
+        self._first = None  # (step, time) of the first update
 
     def show(self, values: dict[str, float]) -> None:
         self.values = dict(values)
@@ -130,10 +141,11 @@ class Progress:
         done, total = self.step, self.total
         parts = [f"[{self.label}] step {done}/{total} ({100 * done // total}%)"]
         parts += [f"{k} {v:.4f}" for k, v in self.values.items()]
-        elapsed = time.perf_counter() - self.t0
-        if done > self.start:
-            eta = elapsed / (done - self.start) * (total - done)
-            parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+        now = time.perf_counter()
+        elapsed = now - self.t0
+        if self._first is not None and done > self._first[0]:  # the rate after the first step
+            rate = (now - self._first[1]) / (done - self._first[0])  # (its compile is behind)
+            parts.append(f"ETA {datetime.timedelta(seconds=round(rate * (total - done)))}")
         parts.append(f"elapsed {datetime.timedelta(seconds=round(elapsed))}")
         return "  ".join(parts)
 
@@ -142,6 +154,8 @@ class Progress:
             return
         self.step = int(step)
         now = time.perf_counter()
+        if self._first is None:
+            self._first = (self.step, now)
         if self.tty:
             if now - self._last_draw >= self.interval or self.step == self.total:
                 self.stream.write("\r\033[K" + self.line())

@@ -22,12 +22,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from instructrl import config_lib, convert, losses, scoring, sharding
+from instructrl import config_lib, convert, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data.lm import left_pad
 from instructrl.model import ModelConfig, Transformer
 from instructrl.presets import model_config
-from instructrl.sampler import generate
 from instructrl.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
@@ -126,19 +125,10 @@ class Toolkit:
         return self._generators[key]
 
     def _make_generate(self, max_new_tokens, temperature, top_k, top_p):
-        return jax.jit(
-            functools.partial(
-                generate,
-                self.models.policy,
-                max_new_tokens=max_new_tokens,
-                eos_id=self.tokenizer.eos_id,
-                pad_id=self.tokenizer.pad_id,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                rules=self.rules,
-            )
-        )
+        tok = self.tokenizer
+        return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, temperature=temperature, top_k=top_k,
+                            top_p=top_p, rules=self.rules)  # fmt: skip
 
     def sample(
         self,

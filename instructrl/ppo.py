@@ -24,12 +24,11 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from instructrl import checkpoint, losses, scoring, sharding
+from instructrl import checkpoint, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
-from instructrl.sampler import generate
 from instructrl.train import Run, global_norm, optimizer_config
 
 
@@ -112,19 +111,11 @@ class Hparams:
         )
 
     def generate_fn(self, models: scoring.Models):
-        """The sampler at these settings: (params, prompt_tokens, prompt_mask, rng) -> Samples."""
+        """The jitted sampler at these settings: (params, prompt_tokens, prompt_mask, rng)."""
         s = self.sampling
-        return functools.partial(
-            generate,
-            models.policy,
-            max_new_tokens=self.max_new_tokens,
-            eos_id=self.eos_id,
-            pad_id=self.pad_id,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            rules=models.rules,
-        )
+        return sampler.bind(models.policy, max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
+                            pad_id=self.pad_id, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, rules=models.rules)  # fmt: skip
 
 
 def score_phase(models, hp: Hparams, params, value_params, ref_params, rm_params,
@@ -288,7 +279,7 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict):
     """The PPO iteration as ``step(state, batch, rng) -> (state, metrics)``: four jitted phases
     (the frozen reference and RM params are their arguments). batch: prompt_tokens,
     prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``."""
-    gen = jax.jit(hp.generate_fn(models))
+    gen = hp.generate_fn(models)
     score = jax.jit(functools.partial(score_phase, models, hp))
     advantages = jax.jit(functools.partial(advantage_phase, hp))
     summarize = jax.jit(functools.partial(rollout_metrics, eos_id=hp.eos_id))

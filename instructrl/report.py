@@ -75,6 +75,22 @@ def labeler_agreement(workdir: str) -> dict | None:
     return {"train_vs_heldout": agree / total, "pairs": total} if total else None
 
 
+# The parts of a stage's seconds, in the order the table shows them (run_info.json "seconds").
+TIME_PARTS = ("compile_and_first_step", "restore", "host_data", "device_step", "sampling",
+              "scoring", "update", "labeling", "judging", "heldout_tasks", "evaluation",
+              "checkpointing", "logging")  # fmt: skip
+
+
+def time_breakdown(workdir: str) -> dict:
+    """{stage: {part: seconds, total, minor_page_faults}} from each stage's run_info.json."""
+    out = {}
+    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+        info = _json(os.path.join(workdir, name, "run_info.json"))
+        if info and isinstance(info.get("seconds"), dict):
+            out[name] = info["seconds"]
+    return out
+
+
 def build(workdir: str) -> dict:
     evaluation = _json(os.path.join(workdir, "evaluate", "evaluation.json")) or {"models": {}}
     models = evaluation["models"]
@@ -84,6 +100,7 @@ def build(workdir: str) -> dict:
         "reward_model": reward_model_summary(workdir),
         "curves": {s: curves(os.path.join(workdir, s)) for s in ("ppo", "ppo_ptx")},
         "timings": _json(os.path.join(workdir, "timings.json")) or {},
+        "time_breakdown": time_breakdown(workdir),
     }
     if "sft" in models:
         sft = models["sft"]
@@ -167,6 +184,19 @@ def markdown(report: dict) -> str:
             out.append(f"- {k}: {_fmt(rm[k]) if not isinstance(rm[k], dict) else rm[k]}")
     if report.get("timings"):
         out += ["", "## Seconds per stage", "", json.dumps(report["timings"])]
+    breakdown = report.get("time_breakdown") or {}
+    if breakdown:
+        order = [s for s in report.get("timings") or {} if s in breakdown]
+        order += [s for s in breakdown if s not in order]
+        parts = [p for p in TIME_PARTS if any(p in breakdown[s] for s in order)]
+        out += ["", "## Where the time goes (seconds; run_info.json of each stage)", ""]
+        out.append("| stage | " + " | ".join([*parts, "total", "minor page faults"]) + " |")
+        out.append("|---" * (len(parts) + 3) + "|")
+        for s in order:
+            b = breakdown[s]
+            cells = [_fmt(b.get(p), 1) for p in parts] + [_fmt(b.get("total"), 1)]
+            cells.append(f"{b.get('minor_page_faults', 0):,}")
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
     out += [
         "",
         "Plots: plots/reward_kl_curves.png, plots/win_rates.png, plots/attributes.png,",

@@ -327,17 +327,14 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         params["scalar_head"] = state.params["scalar_head"]
         return state.replace(params=params, opt_state=tx.init(params))
 
-    def step_fn(state, batch, rng):
-        state, metrics = rm_step(model, tx, run.rules, state, batch, rng)
-        return state, {**metrics, "lr": schedule(state.step - 1)}
-
     state = run.fit(
         state=state,
         shardings=shardings,
         abstract=abstract,
-        step_fn=step_fn,
+        step_fn=functools.partial(rm_step, model, tx, run.rules),
         batcher=batcher,
         steps=steps,
+        schedule=schedule,
         init_from=init_from if config.get("init_from") else None,
         eval_context={"model": model, "eval_arrays": eval_arrays},
         prefix="rm",

@@ -21,6 +21,7 @@ place. Nothing needs donating: the cache is created inside the jitted call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -56,6 +57,25 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
 def is_identity(temperature: float, top_k: int, top_p: float) -> bool:
     """Whether ``filter_logits`` leaves the logits unchanged (greedy, or plain T = 1)."""
     return temperature == 0.0 or (temperature == 1.0 and not top_k and top_p >= 1.0)
+
+
+def bind(model: Transformer, *, max_new_tokens: int, eos_id: int, pad_id: int,
+         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rules=()):  # fmt: skip
+    """``generate`` with its static options bound, jitted: (params, prompt_tokens,
+    prompt_mask, rng) -> Samples."""
+    return jax.jit(
+        functools.partial(
+            generate,
+            model,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            rules=rules,
+        )
+    )
 
 
 @flax.struct.dataclass

@@ -8,6 +8,8 @@ selected on validation data (``checkpoint.select_by``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -129,17 +131,14 @@ def run(config, workdir: str):
         params = run.load(config.init_from, abstract.params)
         return state.replace(params=params, opt_state=tx.init(params))
 
-    def step_fn(state, batch, rng):
-        state, metrics = lm_step(model, tx, run.rules, state, batch, rng)
-        return state, {**metrics, "lr": schedule(state.step - 1)}
-
     state = run.fit(
         state=state,
         shardings=shardings,
         abstract=abstract,
-        step_fn=step_fn,
+        step_fn=functools.partial(lm_step, model, tx, run.rules),
         batcher=batcher,
         steps=steps,
+        schedule=schedule,
         init_from=init_from if config.get("init_from") else None,
         eval_context={"model": model, "eval_arrays": eval_arrays, "eval_prompts": eval_prompts},
         prefix=config.get("stage", "sft"),

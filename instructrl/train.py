@@ -185,8 +185,12 @@ class Run:
         prefix: str = "train",
         jit_step: bool = True,
         tokens_per_step: Callable[[dict], int] | None = None,
+        schedule: Callable | None = None,
     ):
-        """Run ``step_fn`` from the resumed step to ``steps``; returns the final state."""
+        """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
+        ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric."""
+        if schedule is not None:
+            step_fn = _with_lr(step_fn, schedule)
         config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers
         train_cfg, ckpt_cfg = config.train, config.checkpoint
         rng = jax.random.key(int(config.seed))
@@ -301,22 +305,20 @@ class Run:
     def write_info(self, **info) -> None:
         """Add fields to run_info.json (process 0), with the config and the timings so far."""
         self.info.update(info)
-        if not self.is_main:
-            return
-        out = {
-            **self.info,
-            "seconds": self.timers.as_dict(),
-            "config": json.loads(self.config.to_json_best_effort()),
-        }
-        path = os.path.join(self.workdir, "run_info.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        write_run_info(self.workdir, self.config, self.timers, **self.info)
 
     def finish(self, **info) -> None:
         """run_info.json with every timing, then workdir/DONE (the stage's outputs are final)."""
         self.write_info(**info)
         mark_done(self.workdir)
+
+
+def _with_lr(step_fn, schedule):
+    def step(state, batch, rng):
+        state, metrics = step_fn(state, batch, rng)
+        return state, {**metrics, "lr": schedule(state.step - 1)}
+
+    return step
 
 
 PAUSE_ENV = "INSTRUCTRL_PAUSE_AFTER_CHECKPOINT"
@@ -334,6 +336,18 @@ def _pause_if_asked(workdir: str, step: int, mngr) -> None:
         with open(marker, "w") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(3600)
+
+
+def write_run_info(workdir: str, config, timers: Timers, **info) -> None:
+    """workdir/run_info.json (process 0, atomic): ``info``, the seconds of each part of the
+    stage (``timers``) and the config it ran with (``instructrl train --config`` reads it)."""
+    if jax.process_index() != 0:
+        return
+    out = {**info, "seconds": timers.as_dict(), "config": json.loads(config.to_json_best_effort())}
+    path = os.path.join(workdir, "run_info.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def mark_done(workdir: str) -> None:

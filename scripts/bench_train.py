@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructrl import sharding
+from instructrl import runtime, sharding
 from instructrl.model import Transformer, count_params
 from instructrl.optim import make_optimizer
 from instructrl.presets import preset
@@ -73,20 +73,24 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="none")
     p.add_argument("--attention", default=None, help="None (auto), cudnn or xla")
-    p.add_argument("--no-scan", action="store_true")
+    p.add_argument("--no-scan", action="store_true", help="unrolled layers")
+    p.add_argument("--scan", action="store_true", help="nn.scan over layers (else the preset's)")
     p.add_argument("--mesh", default="data=-1", help="e.g. data=1,fsdp=8,tensor=1")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak; else known")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--hf", action="store_true", help="also time transformers in PyTorch")
+    p.add_argument("--default-malloc", action="store_true", help="skip runtime.tune_host_allocator")
     args = p.parse_args(argv)
 
+    if not args.default_malloc:
+        runtime.tune_host_allocator()
     jax.config.update("jax_threefry_partitionable", True)
     cfg = preset(
         args.preset,
         dtype=args.dtype,
         remat=args.remat,
         attention=args.attention,
-        scan_layers=not args.no_scan,
+        **({"scan_layers": False} if args.no_scan else {"scan_layers": True} if args.scan else {}),
         max_len=max(args.seq, preset(args.preset).max_len),
     )
     model = Transformer(cfg)
@@ -122,17 +126,18 @@ def main(argv=None):
         donate_argnums=(0,),
     )
     key = jax.random.key(1)
-    with mesh:
-        t0 = time.perf_counter()
-        for _ in range(2):
-            state, metrics = step(state, batch, key)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch, key)
-        jax.block_until_ready(metrics)
-        elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(2):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - t0
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps
 
     tokens = args.batch * args.seq * args.steps
     tokens_per_s = tokens / elapsed
@@ -157,6 +162,7 @@ def main(argv=None):
         "peak_device_memory_gib": peak_mem / 2**30 if peak_mem else None,
         "host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "warmup_s": compile_s,
+        "minor_page_faults_per_step": faults,
         "loss": float(metrics["loss"]),
     }
     if args.hf:

@@ -8,10 +8,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_threefry_partitionable", True)
+from instructrl import runtime  # noqa: E402
+
+# The allocator setting and partitionable keys of the command line; XLA executables are cached
+# only when JAX_COMPILATION_CACHE_DIR is set (make test sets it), so that stage subprocesses
+# and later tests reuse what earlier ones compiled.
+runtime.configure(compile_cache=None)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")

@@ -97,7 +97,7 @@ def test_scalar_head_shares_trunk_and_dropout_is_stochastic():
 
 
 def test_llama_is_untied_with_grouped_query_attention():
-    cfg = preset("llama-tiny", vocab_size=64)
+    cfg = preset("llama-tiny", vocab_size=64, scan_layers=True)
     _, params, _ = _init(cfg)
     assert "lm_head" in params and "pos_embed" not in params
     chex.assert_shape(params["layers"]["attn"]["key"]["kernel"], (2, 64, 2, 16))

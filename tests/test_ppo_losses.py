@@ -102,3 +102,31 @@ def test_policy_loss_gradient_vanishes_outside_clip_range():
     lp = jnp.array([[0.5, 0.0, -0.5]])  # ratio 1.65 (clipped, A > 0), 1.0, 0.61
     grad = jax.grad(lambda x: losses.ppo_policy_loss(x, old, adv, jnp.ones((1, 3)), 0.2)[0])(lp)
     assert float(grad[0, 0]) == 0.0 and float(grad[0, 1]) < 0 and float(grad[0, 2]) < 0
+
+
+def test_minibatch_order_covers_rows_and_tolerates_few_ptx_rows():
+    """Every rollout row is in exactly one minibatch per epoch; with fewer pretraining rows
+    than minibatches each minibatch still gets one (a PPO-ptx update used to fail there)."""
+    import dataclasses
+    import os
+    import sys
+
+    import jax
+
+    from instructrl import ppo
+    from instructrl.tokenizer import ByteTokenizer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import ppo as ppo_config  # configs/ppo.py
+
+    hp = ppo.Hparams.from_config(ppo_config.get_config("runlocal"), ByteTokenizer())
+    hp = dataclasses.replace(hp, num_minibatches=4, epochs=2)
+    idx, ptx_idx = ppo.minibatch_order(jax.random.key(0), hp, batch=16, ptx_rows=3)
+    idx, ptx_idx = np.asarray(idx), np.asarray(ptx_idx)
+    assert idx.shape == (8, 4) and ptx_idx.shape == (8, 1)
+    for epoch in range(2):
+        assert sorted(idx[4 * epoch : 4 * epoch + 4].ravel()) == list(range(16))
+    assert set(ptx_idx.ravel()) <= {0, 1, 2}
+    _, ptx_idx = ppo.minibatch_order(jax.random.key(0), hp, batch=16, ptx_rows=8)
+    assert np.asarray(ptx_idx).shape == (8, 2)
+    assert sorted(np.asarray(ptx_idx)[:4].ravel()) == list(range(8))

@@ -182,7 +182,7 @@ def test_sharded_generate_matches_single_device(name, mesh_shape, temperatures):
     from instructrl import sharding
 
     assert jax.device_count() >= 8, "run with --xla_force_host_platform_device_count=8"
-    model, params = _model(name, vocab_size=64)  # the vocab axis splits over tensor
+    model, params = _model(name, vocab_size=64, scan_layers=True)  # vocab splits over tensor
     seqs = [[5, 9, 11, 3, 7, 2], [8, 1], [4, 4, 4, 9], [7], [3, 1, 4, 1, 5], [2, 7], [6], [9, 9]]
     tokens, mask = left_pad(seqs, pad_id=0)
     rules = sharding.LOGICAL_RULES

@@ -17,7 +17,11 @@ from instructrl.train import init_train_state
 
 def _run(mesh_shape, devices, family):
     cfg = preset(
-        family, vocab_size=128, num_heads=4, num_kv_heads=2 if family.startswith("llama") else None
+        family,
+        vocab_size=128,
+        num_heads=4,
+        num_kv_heads=2 if family.startswith("llama") else None,
+        scan_layers=True,  # the layer axis of stacked params stays replicated
     )
     model = Transformer(cfg)
     mesh = sharding.make_mesh(mesh_shape, devices)

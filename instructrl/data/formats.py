@@ -68,28 +68,22 @@ def _chatml(system: str = "") -> ChatFormat:
     )
 
 
+def _roles(system: str, user: str, assistant: str, prefix: str):
+    """A preset of plain role templates (no end-of-turn text)."""
+    turns = (("system", system), ("user", user), ("assistant", assistant))
+    return lambda system="": ChatFormat(turns=turns, generation_prefix=prefix, system=system)
+
+
 CHAT_PRESETS = {
     # ChatML (SmolLM2, Qwen): the end-of-turn token closes every turn, the response included.
     "chatml": _chatml,
     # Anthropic HH-RLHF transcripts (Bai et al. 2022); replies start after "Assistant:".
-    "hh": lambda system="": ChatFormat(
-        turns=(
-            ("system", "{content}"),
-            ("user", "\n\nHuman: {content}"),
-            ("assistant", "\n\nAssistant: {content}"),
-        ),
-        generation_prefix="\n\nAssistant:",
-        system=system,
-    ),
-    "user_assistant": lambda system="": ChatFormat(
-        turns=(
-            ("system", "{content}\n\n"),
-            ("user", "User: {content}\n\n"),
-            ("assistant", "Assistant: {content}\n\n"),
-        ),
-        generation_prefix="Assistant: ",
-        system=system,
-    ),
+    "hh": _roles(
+        "{content}", "\n\nHuman: {content}", "\n\nAssistant: {content}", "\n\nAssistant:"
+    ),  # fmt: skip
+    "user_assistant": _roles(
+        "{content}\n\n", "User: {content}\n\n", "Assistant: {content}\n\n", "Assistant: "
+    ),  # fmt: skip
 }
 
 

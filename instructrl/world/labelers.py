@@ -25,16 +25,9 @@ import math
 
 import numpy as np
 
-from instructrl.world.tasks import PENALTY
+from instructrl.world.tasks import ATTRIBUTES, PENALTY
 
-LIKERT_FLAGS = (
-    "follows_instruction",
-    "satisfies_constraints",
-    "hallucination",
-    "truthful",
-    "toxic",
-    "appropriate_for_customer_assistant",
-)
+LIKERT_FLAGS = ATTRIBUTES[:6]  # the labelers' metadata flags of figure 4 (not stops, length)
 
 
 @dataclasses.dataclass(frozen=True)
