@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.sft.train.epochs = 6.0
     c.sft.train.batch_size = 32
     c.sft.data.seq_len = 160
+    c.sft.data.length_buckets = [64, 96, 128]  # most demonstrations are under 96 tokens
     c.sft.optimizer.lr = 1e-3
     c.sft.model.dropout = 0.1
     c.sft.evals.heldout.every_steps = 40
@@ -81,7 +82,6 @@ def get_config(arg=None):
 
     c.rm = _stage("rm")
     c.rm.train.epochs = 1.0
-    c.rm.rm.bucket_by_k = True  # experiments/rm_batching
     c.rm.train.batch_size = 16
     c.rm.data.seq_len = 160
     c.rm.optimizer.lr = 3e-4

@@ -35,6 +35,9 @@ def get_config(arg=None):
         # Batches of like K, slots trimmed to the largest ranking (rm.RankingBatcher): much
         # cheaper for K = 2 pairs mixed with K-way rankings; off, every prompt pads to 9.
         bucket_by_k=False,
+        # Pack every batch's responses side by side into rows (rm.PackedRankingBatcher): the
+        # same rewards as padding each to seq_len, for about the tokens the batch really has.
+        pack=True,
         normalize_with="",  # demonstrations file: their mean reward becomes 0
         normalize_examples=256,
     )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from instructrl import checkpoint, losses, sharding
 from instructrl.data import lm as lm_data
@@ -149,20 +150,95 @@ class RankingBatcher(lm_data.EpochBatcher):
         return {name: v[rows][:, :k] if v.ndim >= 2 else v[rows] for name, v in self.arrays.items()}
 
 
+class PackedRankingBatcher(lm_data.EpochBatcher):
+    """Epoch batches of rankings whose responses are packed side by side into rows: each
+    (prompt + response) sequence keeps its own positions from 0 and attends within its own
+    segment only (block-diagonal causal attention), so the rewards equal the padded layout's
+    while the step computes about the tokens the batch really has (the default pipeline's
+    sequences average 60 of 160 slots). Rows are filled first-fit by decreasing length and
+    their count is rounded up to a multiple of ``rows_multiple``, so few shapes compile.
+
+    batch(step): tokens, positions, segment_ids (R, T); index (B, K) of each response's last
+    token in the flattened (R * T) rows of the global batch; ranks, mask (B, K). Each host
+    packs its own rankings; R is the largest host's, so every host's arrays have one shape.
+    """
+
+    def __init__(self, arrays, batch_size, seed, host_rows=None, rows_multiple: int = 8):
+        super().__init__(arrays, batch_size, seed, host_rows)
+        self.rows_multiple = rows_multiple
+        self.seq_len = arrays["tokens"].shape[-1]
+
+    def _pack(self, rows: np.ndarray) -> list[list[tuple[int, int]]]:
+        """[[(ranking row, response slot), ...] per packed row], first fit by decreasing length."""
+        lengths = self.arrays["last"][rows] + 1
+        items = [
+            (i, k) for i in range(len(rows)) for k in np.flatnonzero(self.arrays["mask"][rows[i]])
+        ]
+        items.sort(key=lambda ik: (-int(lengths[ik]), ik))
+        packed, room = [], []
+        for i, k in items:
+            n = int(lengths[i, k])
+            slot = next((r for r, free in enumerate(room) if free >= n), None)
+            if slot is None:
+                packed.append([]), room.append(self.seq_len)
+                slot = len(packed) - 1
+            packed[slot].append((i, k))
+            room[slot] -= n
+        return packed
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        all_rows = self.global_rows(step)
+        per_host = len(range(*self.host_rows.indices(self.batch_size)))
+        hosts = [all_rows[h : h + per_host] for h in range(0, self.batch_size, per_host)]
+        packings = [self._pack(r) for r in hosts]
+        m = self.rows_multiple
+        num_rows = -(-max(len(p) for p in packings) // m) * m
+        host = self.host_rows.start // per_host
+        rows, packed, t = hosts[host], packings[host], self.seq_len
+        out = {
+            key: np.zeros((num_rows, t), np.int32) for key in ("tokens", "positions", "segment_ids")
+        }
+        k_max = self.arrays["mask"].shape[1]
+        index = np.zeros((len(rows), k_max), np.int32)
+        for r, members in enumerate(packed):
+            at = 0
+            for segment, (i, k) in enumerate(members, start=1):
+                n = int(self.arrays["last"][rows[i], k]) + 1
+                out["tokens"][r, at : at + n] = self.arrays["tokens"][rows[i], k, :n]
+                out["positions"][r, at : at + n] = np.arange(n)
+                out["segment_ids"][r, at : at + n] = segment
+                index[i, k] = (host * num_rows + r) * t + at + n - 1  # flat, global rows
+                at += n
+        out.update(index=index, ranks=self.arrays["ranks"][rows], mask=self.arrays["mask"][rows])
+        return out
+
+
+def batch_rewards(model: Transformer, params, batch, rules, **kwargs) -> jax.Array:
+    """(B, K) rewards of a ranking batch, padded (tokens (B, K, T), last) or packed
+    (``PackedRankingBatcher``). kwargs go to ``model.apply`` (dropout)."""
+    if "index" not in batch:
+        return rewards_at_last(model, params, batch["tokens"], batch["last"], rules, **kwargs)
+    with nn.logical_axis_rules(rules):
+        values = model.apply(
+            {"params": params},
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            **kwargs,
+        )  # (R, T)
+    return values.reshape(-1)[batch["index"]]
+
+
 def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
-    """One update on eq. (1). batch: tokens (B, K, T), last, ranks, mask (B, K)."""
+    """One update on eq. (1). batch: a padded or packed ranking batch (``batch_rewards``) with
+    ranks, mask (B, K)."""
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-        rewards = rewards_at_last(
-            model,
-            params,
-            batch["tokens"],
-            batch["last"],
-            rules,
-            deterministic=False,
+        rewards = batch_rewards(
+            model, params, batch, rules, deterministic=False,
             rngs={"dropout": jax.random.fold_in(rng, 0)},
-        )
+        )  # fmt: skip
         return losses.ranking_loss(rewards, batch["ranks"], batch["mask"])
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -297,10 +373,16 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         raise ValueError(f"rm.pairs must be 'all_in_one' or 'shuffled', got {config.rm.pairs!r}")
     train_arrays.pop("group")
     batch_size = int(config.train.batch_size)
-    batcher_cls = RankingBatcher if config.rm.get("bucket_by_k", False) else lm_data.EpochBatcher
-    batcher = batcher_cls(
-        train_arrays, batch_size, int(config.seed), sharding.host_batch_slice(batch_size)
-    )
+    host_rows = sharding.host_batch_slice(batch_size)
+    if config.rm.get("pack", False):
+        multiple = max(jax.local_device_count(), 8)
+        batcher = PackedRankingBatcher(
+            train_arrays, batch_size, int(config.seed), host_rows, multiple
+        )
+    else:
+        bucketed = config.rm.get("bucket_by_k", False)
+        batcher_cls = RankingBatcher if bucketed else lm_data.EpochBatcher
+        batcher = batcher_cls(train_arrays, batch_size, int(config.seed), host_rows)
     steps = total_steps(config.train, batcher.steps_per_epoch)
     tx, schedule = make_optimizer(optimizer_config(config.optimizer, steps))
     k = train_arrays["tokens"].shape[1]
@@ -338,7 +420,10 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         init_from=init_from if config.get("init_from") else None,
         eval_context={"model": model, "eval_arrays": eval_arrays},
         prefix="rm",
-        tokens_per_step=lambda b: int((b["last"] + 1)[b["mask"]].sum()) * jax.process_count(),
+        tokens_per_step=lambda b: (
+            int((b["segment_ids"] > 0).sum() if "index" in b else (b["last"] + 1)[b["mask"]].sum())
+            * jax.process_count()
+        ),
     )
     params, bias = state.params, 0.0
     if config.rm.get("normalize_with"):

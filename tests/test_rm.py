@@ -33,6 +33,46 @@ def test_encode_rankings_masks_variable_k_and_marks_last_token():
     np.testing.assert_array_equal(pairs["ranks"], [[0, 1]] * 3)
 
 
+def test_packed_batches_give_the_padded_rewards():
+    """Responses packed side by side (own positions, own segments) score exactly as each one
+    alone in its padded slot; every response of the batch is in one row once."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from instructrl import sharding
+    from instructrl.model import Transformer
+    from instructrl.presets import preset
+
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    rankings = []
+    for i in range(12):
+        k = int(rng.integers(2, 6))
+        responses = ["x" * int(rng.integers(1, 30)) for _ in range(k)]
+        rankings.append({"prompt": f"p{i}" * int(rng.integers(1, 4)), "responses": responses,
+                         "ranks": list(range(k))})  # fmt: skip
+    arrays, _ = rm.encode_rankings(tok, rankings, 48, "{prompt}|", 5)
+    arrays.pop("group")
+    batcher = rm.PackedRankingBatcher(arrays, 12, seed=0, rows_multiple=8)
+    batch = batcher.batch(0)
+    rows = batcher.global_rows(0)
+    assert batch["tokens"].shape[0] % 8 == 0 and batch["tokens"].shape[0] < 12 * 5
+    assert int((batch["segment_ids"] > 0).sum()) == int(
+        (arrays["last"][rows] + 1)[arrays["mask"][rows]].sum()
+    )
+    for llama in (False, True):
+        cfg = preset("llama-tiny" if llama else "tiny", vocab_size=384)
+        model = Transformer(cfg, head="scalar")
+        params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+        rules = sharding.LOGICAL_RULES
+        packed = np.asarray(rm.batch_rewards(model, params, batch, rules))
+        padded = {"tokens": arrays["tokens"][rows], "last": arrays["last"][rows]}
+        want = np.asarray(rm.batch_rewards(model, params, padded, rules))
+        mask = arrays["mask"][rows]
+        np.testing.assert_allclose(packed[mask], want[mask], atol=1e-5)
+
+
 def _world_rankings(world, n, labelers, seed):
     records = world.sample_prompts(n, seed=seed, prefix=f"rm{seed}")
     return build_rankings(world, records, labelers, seed=seed)
