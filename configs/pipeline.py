@@ -40,6 +40,9 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, model="small", seed=0, runlocal=False)
     c = ml_collections.ConfigDict()
     c.stages = list(STAGES)
+    # Run PPO and PPO-ptx at once, one process each, the cores split between them (a small
+    # model's step leaves a core idle much of the time; instructrl.pipeline.run).
+    c.parallel = True
     c.seed = int(args.seed)
     c.model = dict(preset=str(args.model), max_len=384)
     # The world's size (instructrl.world.WorldConfig fields); docs/world.md.
@@ -64,7 +67,6 @@ def get_config(arg=None):
     c.sft.train.epochs = 6.0
     c.sft.train.batch_size = 32
     c.sft.data.seq_len = 160
-    c.sft.data.length_buckets = [64, 96, 128]  # most demonstrations are under 96 tokens
     c.sft.optimizer.lr = 1e-3
     c.sft.model.dropout = 0.1
     c.sft.evals.heldout.every_steps = 40

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -62,15 +61,6 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, list[tuple[str, str
     return command, flags, overrides
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname).1s %(asctime)s %(name)s] %(message)s",
-        datefmt="%H:%M:%S", stream=sys.stderr, force=True,
-    )  # fmt: skip
-    for noisy in ("absl", "orbax", "jax", "tensorstore", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     command, flags, overrides = parse(list(sys.argv[1:] if argv is None else argv))
     spec = flags.config or DEFAULT_CONFIG.get(command)
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if flags.jax_distributed:
         jax.distributed.initialize()
     runtime.configure(compile_cache=flags.compile_cache)
-    _setup_logging()
+    runtime.setup_logging()
     if command == "pipeline":
         pipeline.run(config, workdir)
         report_path = os.path.join(workdir, "report.json")

@@ -353,6 +353,8 @@ class Transformer(nn.Module):
              segment_ids (B, T) int | None, deterministic, cache, cache_index) ->
       head "lm": logits (B, T, V) float32;  head "scalar": values (B, T) float32;
       head "none": hidden states (B, T, D);  with a cache (``init_cache``): (output, cache).
+    ``head_positions=(start, stop)`` (static) applies the head to positions [start, stop) only,
+    e.g. a response's: the vocabulary projection of the prompt is never computed.
     With neither attention_mask nor segment_ids the attention is plain causal (the fused
     kernel's fastest path): right padding needs no mask because no real token sees it.
     """
@@ -370,6 +372,7 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         cache=None,
         cache_index=None,
+        head_positions: tuple[int, int] | None = None,
     ):
         cfg = self.cfg
         _, seq_len = tokens.shape
@@ -434,6 +437,8 @@ class Transformer(nn.Module):
                 new_cache.append(layer_cache)
             cache = None if cache is None else new_cache
         x = Norm(cfg, name="final_norm")(x)
+        if head_positions is not None:  # only these positions' outputs are wanted
+            x = x[:, head_positions[0] : head_positions[1]]
         out = self._head(x, embed)
         return out if cache is None else (out, cache)
 

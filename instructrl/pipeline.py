@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 
+import jax
 import ml_collections
 
-from instructrl import config_lib
+from instructrl import config_lib, runtime
 from instructrl.stages import BY_NAME, STAGES, world_section
 from instructrl.train import is_done, mark_done
 
@@ -85,8 +87,25 @@ def print_config(resolved: dict[str, ml_collections.ConfigDict]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def groups(names: list[str], parallel: bool) -> list[list[str]]:
+    """The stages in order, a stage joining the group before it when it may run concurrently
+    with that group's last stage (``Stage.concurrent_with``) and ``parallel`` allows it."""
+    out: list[list[str]] = []
+    for name in names:
+        if parallel and out and BY_NAME[name].concurrent_with == out[-1][-1]:
+            out[-1].append(name)
+        else:
+            out.append([name])
+    return out
+
+
 def run(config, workdir: str) -> dict:
-    """Run every stage of ``config.stages`` not yet done; returns {stage: seconds}."""
+    """Run every stage of ``config.stages`` not yet done; returns {stage: seconds}.
+
+    Stages that may run at once (PPO and PPO-ptx) run in two processes with the cores split
+    between them when ``config.parallel`` is set: a small model's step leaves a core idle in
+    its single-threaded parts, which the other stage fills (jax.distributed runs keep one
+    process per host and run stages one after the other)."""
     os.makedirs(workdir, exist_ok=True)
     resolved = resolve(config, workdir)
     timings_path = os.path.join(workdir, "timings.json")
@@ -94,18 +113,64 @@ def run(config, workdir: str) -> dict:
     if os.path.exists(timings_path):
         with open(timings_path) as f:
             timings = json.load(f)
-    for index, (name, section) in enumerate(resolved.items(), start=1):
-        stage_dir = os.path.join(workdir, name)
-        if is_done(stage_dir):
-            log.info("stage %d/%d %s: already done", index, len(resolved), name)
-            continue
-        log.info("stage %d/%d %s -> %s", index, len(resolved), name, stage_dir)
-        os.makedirs(stage_dir, exist_ok=True)
+    index = {name: i for i, name in enumerate(resolved, start=1)}
+    parallel = bool(config.get("parallel", False)) and jax.process_count() == 1
+    for group in groups(list(resolved), parallel):
+        todo = [n for n in group if not is_done(os.path.join(workdir, n))]
+        for name in group:
+            where = os.path.join(workdir, name)
+            state = "already done" if name not in todo else f"-> {where}"
+            log.info("stage %d/%d %s %s", index[name], len(resolved), name, state)
+            os.makedirs(where, exist_ok=True)
         start = time.time()
-        BY_NAME[name].run(section, stage_dir)
-        timings[name] = round(time.time() - start, 1)
-        with open(timings_path + ".tmp", "w") as f:
-            json.dump(timings, f, indent=1)
-        os.replace(timings_path + ".tmp", timings_path)
-        mark_done(stage_dir)
+        if len(todo) > 1:
+            seconds = _run_concurrently(todo, resolved, workdir)
+        else:
+            seconds = {}
+            for name in todo:
+                BY_NAME[name].run(resolved[name], os.path.join(workdir, name))
+                seconds[name] = time.time() - start
+        for name in todo:
+            timings[name] = round(seconds[name], 1)
+            with open(timings_path + ".tmp", "w") as f:
+                json.dump(timings, f, indent=1)
+            os.replace(timings_path + ".tmp", timings_path)
+            mark_done(os.path.join(workdir, name))
     return timings
+
+
+def _run_concurrently(names: list[str], resolved: dict, workdir: str) -> dict[str, float]:
+    """Each stage in its own process (spawned: a fresh JAX), the host's cores split evenly;
+    a child dies with the pipeline. Returns each stage's seconds; a failed stage raises."""
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // len(names))
+    cache = jax.config.jax_compilation_cache_dir
+    procs = {}
+    start = time.time()
+    for name in names:
+        section = resolved[name].to_json_best_effort()
+        args = (name, section, os.path.join(workdir, name), threads, cache)
+        procs[name] = context.Process(target=_child, args=args, name=f"stage-{name}")
+        procs[name].start()
+    seconds, failed = {}, []
+    while procs:
+        for name, proc in list(procs.items()):
+            proc.join(timeout=0.2)
+            if proc.exitcode is not None:
+                seconds[name] = time.time() - start
+                if proc.exitcode != 0:
+                    failed.append(f"{name} (exit code {proc.exitcode})")
+                del procs[name]
+    if failed:
+        raise RuntimeError(f"stages failed: {', '.join(failed)}; their errors are above")
+    return seconds
+
+
+def _child(name: str, section_json: str, stage_dir: str, threads: int, cache: str | None):
+    """One stage of ``_run_concurrently`` in its own process."""
+    runtime.die_with_parent()
+    os.environ["PJRT_NPROC"] = str(threads)  # XLA's CPU thread pools, read at client start
+    runtime.configure(compile_cache=cache)
+    runtime.setup_logging()
+    section = ml_collections.ConfigDict(json.loads(section_json))
+    BY_NAME[name].run(section, stage_dir)

@@ -103,19 +103,31 @@ class Toolkit:
         length = min(room, -(-max(map(len, ids)) // 16) * 16)
         return left_pad(ids, self.tokenizer.pad_id, length)
 
-    def _chunks(self, *arrays):
-        """Yields (valid_rows, padded arrays) in chunks of ``batch_size`` rows."""
-        total = len(arrays[0])
-        for start in range(0, total, self.batch_size):
-            stop = min(start + self.batch_size, total)
-            chunk = []
-            for a in arrays:
-                part = a[start:stop]
-                if len(part) < self.batch_size:  # repeat the last row; dropped afterwards
-                    fill = np.repeat(part[-1:], self.batch_size - len(part), axis=0)
-                    part = np.concatenate([part, fill], axis=0)
-                chunk.append(jnp.asarray(part))
-            yield stop - start, chunk
+    def _chunks(self, *arrays, order=None):
+        """Yields (row indices, padded arrays) in chunks of ``batch_size`` rows taken in
+        ``order`` (default: as given); a short last chunk repeats its last row."""
+        order = np.arange(len(arrays[0])) if order is None else np.asarray(order)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            full = np.concatenate([rows, np.repeat(rows[-1:], self.batch_size - len(rows))])
+            yield rows, [a[full] for a in arrays]
+
+    def _by_length(self, prompt_mask) -> np.ndarray:
+        """Rows ordered by real prompt length, so that each chunk is padded to its own longest
+        prompt (``_trim``), not the batch's."""
+        return np.argsort(np.asarray(prompt_mask).sum(1), kind="stable")
+
+    @staticmethod
+    def _trim(prompt_tokens, prompt_mask, tokens=None, mask=None, multiple: int = 32):
+        """A chunk's arrays without the padding every row has: left prompt padding and right
+        response padding, each kept to a multiple of ``multiple`` (few shapes compile)."""
+        keep = lambda n, full: min(full, max(multiple, -(-int(n) // multiple) * multiple))  # noqa: E731
+        p = keep(np.asarray(prompt_mask).sum(1).max(), prompt_tokens.shape[1])
+        out = [prompt_tokens[:, -p:], prompt_mask[:, -p:]]
+        if tokens is not None:
+            n = keep(np.asarray(mask).sum(1).max(), tokens.shape[1])
+            out += [tokens[:, :n], mask[:, :n]]
+        return [jnp.asarray(a) for a in out]
 
     # ---- sampling ---------------------------------------------------------------------------
     def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
@@ -145,12 +157,14 @@ class Toolkit:
         """One response per prompt (temperature 0: greedy)."""
         p_tokens, p_mask = self.encode_prompts(prompts, max_new_tokens, template)
         fn = self._generate(max_new_tokens, float(temperature), int(top_k), float(top_p))
-        tokens, masks = [], []
-        for i, (n, (pt, pm)) in enumerate(self._chunks(p_tokens, p_mask)):
+        tokens = np.full((len(prompts), max_new_tokens), self.tokenizer.pad_id, np.int32)
+        masks = np.zeros((len(prompts), max_new_tokens), np.int32)
+        chunks = self._chunks(p_tokens, p_mask, order=self._by_length(p_mask))
+        for i, (rows, (pt, pm)) in enumerate(chunks):
+            pt, pm = self._trim(pt, pm)
             out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
-            tokens.append(np.asarray(out.tokens)[:n])
-            masks.append(np.asarray(out.mask)[:n])
-        tokens, masks = np.concatenate(tokens), np.concatenate(masks)
+            tokens[rows] = np.asarray(out.tokens)[: len(rows)]
+            masks[rows] = np.asarray(out.mask)[: len(rows)]
         texts = [self.tokenizer.decode_until_eos(row) for row in tokens]
         return Batch(list(prompts), texts, p_tokens, p_mask, tokens, masks)
 
@@ -167,11 +181,20 @@ class Toolkit:
         return jax.jit(functools.partial(scoring.reward_scores, self.models))
 
     def _map(self, fn, params, batch: Batch) -> np.ndarray:
-        outs = []
+        """fn(params, prompt_tokens, prompt_mask, tokens, mask) over trimmed chunks of the
+        batch, outputs back in the batch's row order: (B,) or (B, N), zero where trimmed."""
         arrays = (batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask)
-        for n, chunk in self._chunks(*arrays):
-            outs.append(np.asarray(fn(params, *chunk))[:n])
-        return np.concatenate(outs)
+        out = None
+        for rows, chunk in self._chunks(*arrays, order=self._by_length(batch.prompt_mask)):
+            values = np.asarray(fn(params, *self._trim(*chunk)))[: len(rows)]
+            if out is None:
+                shape = (len(batch.tokens), *batch.tokens.shape[1:][: values.ndim - 1])
+                out = np.zeros(shape, values.dtype)
+            if values.ndim == 1:
+                out[rows] = values
+            else:
+                out[rows, : values.shape[1]] = values
+        return out
 
     def logprobs(self, params, batch: Batch, sampling=scoring.Sampling()) -> np.ndarray:
         """(B, N) teacher-forced log-probs of the batch's response tokens (0 off the mask)
@@ -212,8 +235,8 @@ class Toolkit:
         arrays = lm_data.text_arrays(self.tokenizer, documents, seq_len)
         total, count = 0.0, 0.0
         keys = ("inputs", "targets", "loss_mask")
-        for n, chunk in self._chunks(*(arrays[k] for k in keys)):
-            chunk[2] = chunk[2] * (jnp.arange(self.batch_size) < n)[:, None]
+        for rows, chunk in self._chunks(*(arrays[k] for k in keys)):
+            chunk[2] = chunk[2] * (np.arange(self.batch_size) < len(rows))[:, None]
             s, c = self._nll_sums(params, *chunk)
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)

@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 
 import jax
 
@@ -58,6 +59,29 @@ def use_compile_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def setup_logging() -> None:
+    """INFO lines of our own loggers on stderr, libraries' warnings only."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname).1s %(asctime)s %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("absl", "orbax", "jax", "tensorstore", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux; elsewhere a no-op):
+    a pipeline's stage process must not outlive a killed pipeline."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
 
 
 def configure(compile_cache: str | None = DEFAULT_CACHE) -> None:

@@ -53,10 +53,13 @@ class Sampling:
         return Sampling(temperature=self.temperature)
 
 
-def apply(model: Transformer, rules, params, tokens, mask):
-    """model(tokens) with ``mask`` as the attention mask, under the logical rules."""
+def apply(model: Transformer, rules, params, tokens, mask, head_positions=None):
+    """model(tokens) with ``mask`` as the attention mask, under the logical rules (the head on
+    ``head_positions`` only, when given)."""
     with nn.logical_axis_rules(rules):
-        return model.apply({"params": params}, tokens, attention_mask=mask)
+        return model.apply(
+            {"params": params}, tokens, attention_mask=mask, head_positions=head_positions
+        )
 
 
 def _full(prompt_tokens, prompt_mask, tokens, mask):
@@ -71,8 +74,8 @@ def response_logprobs(
     """Teacher-forced log-probs (B, N) of the response tokens and the filtered logits
     (B, N, V) they come from (-inf where top-k / top-p exclude a token)."""
     full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
-    p = prompt_tokens.shape[1]
-    logits = apply(models.policy, models.rules, params, full, full_mask)[:, p - 1 : -1]
+    p, n = prompt_tokens.shape[1], tokens.shape[1]
+    logits = apply(models.policy, models.rules, params, full, full_mask, (p - 1, p + n - 1))
     if not is_identity(sampling.temperature, sampling.top_k, sampling.top_p):
         logits = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     return losses.token_logprobs(logits, tokens), logits
@@ -81,8 +84,8 @@ def response_logprobs(
 def response_values(models: Models, params, prompt_tokens, prompt_mask, tokens, mask):
     """Scalar-head outputs (B, N) at the state before each response token."""
     full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
-    p = prompt_tokens.shape[1]
-    return apply(models.scalar, models.rules, params, full, full_mask)[:, p - 1 : -1]
+    p, n = prompt_tokens.shape[1], tokens.shape[1]
+    return apply(models.scalar, models.rules, params, full, full_mask, (p - 1, p + n - 1))
 
 
 def reward_scores(models: Models, rm_params, prompt_tokens, prompt_mask, tokens, mask):

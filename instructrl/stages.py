@@ -101,7 +101,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rankings", rankings.run, ("world", "sft"), wire_rankings, trains=False),
     Stage("rm", rm.run, ("world", "sft", "rankings"), wire_rm),
     Stage("ppo", ppo.run, ("world", "sft", "rm"), wire_rl, section="rl"),
-    Stage("ppo_ptx", ppo.run, ("world", "sft", "rm"), wire_rl, section="rl"),
+    Stage("ppo_ptx", ppo.run, ("world", "sft", "rm"), wire_rl, section="rl", concurrent_with="ppo"),
     Stage(
         "evaluate", evaluate.run, ("world", "pretrain", "sft", "rm"), wire_evaluate, trains=False
     ),  # fmt: skip

@@ -79,6 +79,9 @@ class Stage:
     wire: Callable[[Any, dict[str, str], Any], None] | None = None
     section: str = ""
     trains: bool = True  # a training stage: the shared model, seed and tokenizer apply
+    # The stage just before, which this one neither reads nor is read by before both finish:
+    # the pipeline may run the two at once, in two processes (configs/pipeline.py parallel).
+    concurrent_with: str = ""
 
 
 @flax.struct.dataclass
