@@ -18,12 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from instructrl.model import stack_layers, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +191,57 @@ def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> An
     mngr = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())
     saved = mngr.item_metadata(step)
     saved_tree = saved.tree if hasattr(saved, "tree") else saved
+    relayout = None
     if saved_tree is not None and key in saved_tree:
-        target = _partial_target(saved_tree[key], abstract_params)
+        target, relayout = _layer_layout(saved_tree[key], abstract_params)
+        target = _partial_target(saved_tree[key], target)
     else:
         target = abstract_params
+    if relayout is None:
+        restore_args = ocp.checkpoint_utils.construct_restore_args({key: target})
+    else:  # read on the host in the saved layout, convert, then place as the model wants
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {key: target})
     restored = mngr.restore(
         step,
         args=ocp.args.PyTreeRestore(
-            item={key: target},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
-            partial_restore=True,
+            item={key: target}, restore_args=restore_args, partial_restore=True
         ),
-    )
+    )[key]
     mngr.close()
+    if relayout is not None:
+        log.info("init_from %s: layers converted between scanned and unrolled", directory)
+        restored = jax.tree.map(
+            lambda x, want: jax.device_put(np.asarray(x, want.dtype), want.sharding),
+            relayout(restored),
+            abstract_params,
+        )
     log.info("init_from %s (step %d)", directory, step)
-    return restored[key]
+    return restored
+
+
+def _layer_layout(saved: Any, wanted: Any) -> tuple[Any, Any]:
+    """(target, relayout) for a checkpoint whose layers are laid out otherwise than the model's
+    (``scan_layers``: one stacked ``layers`` entry against ``layers_0 ... layers_{L-1}``): the
+    wanted tree in the saved layout, and the function that turns restored params back into the
+    wanted layout. relayout is None where the layouts agree."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return wanted, None
+    unrolled = sorted(k for k in wanted if re.fullmatch(r"layers_\d+", k))
+    if unrolled and "layers" in saved and "layers" not in wanted:
+        n = len(unrolled)
+        return jax.eval_shape(lambda p: stack_layers(p, n), wanted), lambda p: unstack_layers(p, n)
+    if "layers" in wanted and "layers_0" in saved and "layers_0" not in wanted:
+        n = jax.tree.leaves(wanted["layers"])[0].shape[0]
+        return jax.eval_shape(lambda p: unstack_layers(p, n), wanted), lambda p: stack_layers(p, n)
+    target, fixes = dict(wanted), {}
+    for k, v in wanted.items():
+        if k in saved:
+            target[k], fix = _layer_layout(saved[k], v)
+            if fix is not None:
+                fixes[k] = fix
+    if not fixes:
+        return wanted, None
+    return target, lambda p: {k: fixes[k](v) if k in fixes else v for k, v in p.items()}
 
 
 def _partial_target(saved: Any, wanted: Any) -> Any:

@@ -119,3 +119,23 @@ def test_gpt3_preset_parameter_counts(name):
     stated = GPT3_TABLE[name][0]
     n = count_params(preset(name))
     assert abs(n - stated) / stated < 0.02, (name, n, stated)
+
+
+@pytest.mark.parametrize("saved_scanned", [True, False])
+def test_init_from_converts_between_scanned_and_unrolled(saved_scanned, tmp_path):
+    """A stage whose model unrolls its layers starts from a checkpoint written scanned (an
+    imported Hugging Face model) and the other way round: same values, the model's shardings."""
+    from instructrl import checkpoint
+
+    scanned = preset("tiny", vocab_size=64, scan_layers=True)
+    _, params_s, _ = _init(scanned)
+    params_u = unstack_layers(params_s, scanned.num_layers)
+    saved, wanted = (params_s, params_u) if saved_scanned else (params_u, params_s)
+    checkpoint.export_params(str(tmp_path), saved)
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("data",)), jax.sharding.PartitionSpec()
+    )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), wanted)
+    got = checkpoint.latest_params(str(tmp_path), abstract)
+    chex.assert_trees_all_equal(got, wanted)
+    assert all(x.sharding == sharding for x in jax.tree.leaves(got))

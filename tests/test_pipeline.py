@@ -72,20 +72,21 @@ def killed(run, tmp_path_factory):
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
+            # PPO and PPO-ptx run at once: either (or both) may be the one paused.
             paused = [s for s, n in KILL_AT.items() if s not in kills
                       and os.path.exists(os.path.join(workdir, s, f"PAUSED_AT_{n}"))]  # fmt: skip
             if paused:
-                assert not os.path.exists(os.path.join(workdir, paused[0], "DONE"))
+                assert not any(os.path.exists(os.path.join(workdir, s, "DONE")) for s in paused)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                kills.append(paused[0])
+                kills.extend(paused)
                 break
             time.sleep(0.05)
         else:
             stderr = proc.stderr.read()
             assert proc.returncode == 0, stderr[-3000:]
             break
-    assert kills == list(KILL_AT), kills
+    assert sorted(kills) == sorted(KILL_AT), kills
     return workdir
 
 
@@ -114,7 +115,8 @@ def test_killed_stage_resumes_bitwise(run, killed, stage):
 
 def test_killed_pipeline_resumes_to_the_same_report(run, killed):
     want, got = (json.load(open(os.path.join(d, "report.json"))) for d in (run[1], killed))
-    want.pop("timings"), got.pop("timings")
+    for key in ("timings", "time_breakdown"):  # wall-clock, never equal
+        want.pop(key), got.pop(key)
     assert got == want
 
 
