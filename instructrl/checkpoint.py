@@ -200,7 +200,9 @@ def latest_params(workdir: str, abstract_params: Any, key: str = "params") -> An
     if relayout is None:
         restore_args = ocp.checkpoint_utils.construct_restore_args({key: target})
     else:  # read on the host in the saved layout, convert, then place as the model wants
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {key: target})
+        restore_args = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {key: target}
+        )
     restored = mngr.restore(
         step,
         args=ocp.args.PyTreeRestore(

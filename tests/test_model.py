@@ -135,7 +135,9 @@ def test_init_from_converts_between_scanned_and_unrolled(saved_scanned, tmp_path
     sharding = jax.sharding.NamedSharding(
         jax.sharding.Mesh(np.array(jax.devices()), ("data",)), jax.sharding.PartitionSpec()
     )
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), wanted)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), wanted
+    )
     got = checkpoint.latest_params(str(tmp_path), abstract)
     chex.assert_trees_all_equal(got, wanted)
     assert all(x.sharding == sharding for x in jax.tree.leaves(got))
