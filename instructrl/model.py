@@ -122,6 +122,13 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _dense(cfg: ModelConfig, cls):
+    """``cls`` (nn.Dense or nn.DenseGeneral) with the family's bias and the config's dtypes."""
+    return functools.partial(
+        cls, use_bias=cfg.family == "gpt", dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype
+    )
+
+
 def _init(cfg: ModelConfig, names: tuple[str | None, ...], scale: float = 1.0):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), names)
 
@@ -230,12 +237,7 @@ class Attention(nn.Module):
         Returns (output (B, T, D), updated cache or None).
         """
         cfg = self.cfg
-        dense = functools.partial(
-            nn.DenseGeneral,
-            use_bias=cfg.family == "gpt",
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-        )
+        dense = _dense(cfg, nn.DenseGeneral)
 
         def project(name, heads, head_axis):
             return dense(
@@ -296,12 +298,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dense = functools.partial(
-            nn.Dense,
-            use_bias=cfg.family == "gpt",
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-        )
+        dense = _dense(cfg, nn.Dense)
         up = dict(kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
         if cfg.family == "gpt":
             h = nn.gelu(dense(cfg.hidden_dim, name="fc_in", **up)(x), approximate=True)
