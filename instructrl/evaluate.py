@@ -28,11 +28,14 @@ import json
 import logging
 import os
 
+import ml_collections
 import numpy as np
 
-from instructrl import scoring
+from instructrl import chat, report, scoring
+from instructrl.config_lib import ConfigError
+from instructrl.data.errors import DataError
 from instructrl.metrics import Timers
-from instructrl.policy_io import Toolkit
+from instructrl.policy_io import Toolkit, stage_config
 from instructrl.train import is_done, write_run_info
 from instructrl.world import World, heldout
 from instructrl.world.datasets import read_jsonl
@@ -217,4 +220,108 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     with open(os.path.join(workdir, "evaluation.json"), "w") as f:
         json.dump(out, f, indent=1)
     write_run_info(workdir, config, timers, stage="evaluate", models=models)
+    return out
+
+
+def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
+            reward_model: str = "", world_dir: str = "", max_new_tokens: int = 64,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+            batch_size: int = 32, limit: int = 0) -> dict:  # fmt: skip
+    """One policy against a reference on a prompts file (``instructrl evaluate``).
+
+    Both answer every prompt with the same sampling settings. The win rate of the policy's
+    answer over the reference's (ties count one half, a 95% interval over prompts) is judged
+    by the world's held-out labelers when the prompts come from a world (``world_dir``, or
+    the prompt file's own directory when it holds world.json; the records carry their task
+    family), with the gold rubric, Likert ratings and attribute rates beside it; otherwise by
+    the reward model (``reward_model``, a reward-model stage's workdir), which also gives its
+    mean score to both. KL to the reference: the sum over the policy's answer tokens of
+    log pi - log pi_ref (None when the two tokenizers differ). Writes workdir/evaluation.json,
+    workdir/report.md and samples_{policy,reference}.jsonl; returns the evaluation dict.
+    """
+    records = chat.read_prompts(prompts)[: limit or None]
+    if not world_dir and os.path.isfile(os.path.join(os.path.dirname(prompts), "world.json")):
+        world_dir = os.path.dirname(prompts)
+    world = World.from_dir(world_dir) if world_dir else None
+    if world is not None:
+        missing = [i for i, r in enumerate(records) if "family" not in r or "prompt" not in r]
+        if missing:
+            raise DataError(
+                f"{prompts}: record {missing[0] + 1} has no 'family' (a world prompt's task "
+                "family); pass no --world to judge by an RM"
+            )
+    if world is None and not reward_model:
+        raise ConfigError("evaluate: the prompts are not a world's; pass --reward_model DIR")
+    os.makedirs(workdir, exist_ok=True)
+    timers = Timers()
+    cache: dict = {}
+    with timers.time("restore"):
+        policy = chat.Policy(policy_dir, batch_size, cache=cache)
+        reference = chat.Policy(reference_dir, batch_size, cache=cache)
+        rm_tk = Toolkit.from_workdir(reward_model, batch_size, cache) if reward_model else None
+        rm_params = rm_tk.params(reward_model, head="scalar") if rm_tk else None
+    sampling = scoring.Sampling(float(temperature), int(top_k), float(top_p))
+    settings = dict(max_new_tokens=int(max_new_tokens), temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, seed=int(seed))  # fmt: skip
+    conversations = [chat.conversation(r) for r in records]
+    batches = {}
+    with timers.time("sampling"):
+        for name, p in (("reference", reference), ("policy", policy)):
+            batches[name] = p.sample(conversations, **settings)
+    rm_scores = {}
+    if rm_tk is not None:
+        with timers.time("scoring"):
+            fmt = chat.prompt_format(reward_model, stage_config(reward_model))
+            rm_prompts = [chat.render(fmt, c) for c in conversations]
+            for name, p in (("reference", reference), ("policy", policy)):
+                b = batches[name]
+                if p.toolkit.tokenizer_key != rm_tk.tokenizer_key or p.format != fmt:
+                    b = rm_tk.batch_from_texts(rm_prompts, b.texts, int(max_new_tokens))
+                rm_scores[name] = rm_tk.rm_scores(rm_params, b)
+    same_tokenizer = policy.toolkit.tokenizer_key == reference.toolkit.tokenizer_key
+    results = {}
+    for name, p in (("reference", reference), ("policy", policy)):
+        b, ref_texts = batches[name], batches["reference"].texts
+        with timers.time("judging"):
+            res = judge(world, records, b.texts, ref_texts) if world is not None else {}
+        if "win_rate_vs_sft" in res:
+            res["win_rate_vs_reference"] = res.pop("win_rate_vs_sft")
+            for row in res["by_family"].values():
+                row["win_rate_vs_reference"] = row.pop("win_rate_vs_sft")
+        res["response_words"] = float(np.mean([len(t.split()) for t in b.texts]))
+        if rm_scores:
+            s, s_ref = rm_scores[name], rm_scores["reference"]
+            res["rm_score"] = float(s.mean())
+            res["rm_win_rate_vs_reference"] = interval((s > s_ref) + 0.5 * (s == s_ref))
+            res.setdefault("win_rate_vs_reference", res["rm_win_rate_vs_reference"])
+        with timers.time("scoring"):
+            res["kl_to_reference"] = None
+            if same_tokenizer:
+                logprobs = p.toolkit.logprobs(p.params, b, sampling)
+                ref = reference.toolkit.logprobs(reference.params, b, sampling.reference())
+                res["kl_to_reference"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
+        results[name] = res
+        with open(os.path.join(workdir, f"samples_{name}.jsonl"), "w", encoding="utf-8") as f:
+            for i, (r, text) in enumerate(zip(records, b.texts, strict=True)):
+                row = {"id": r.get("id", i), "prompt": conversations[i][-1]["content"]}
+                f.write(json.dumps({**row, "response": text}, ensure_ascii=False) + "\n")
+    out = {
+        "models": results,
+        "num_prompts": len(records),
+        "judge": "world held-out labelers" if world is not None else "reward model",
+        "attributes": list(ATTRIBUTES) if world is not None else [],
+        "settings": {
+            **settings,
+            "policy": os.path.abspath(policy_dir),
+            "reference": os.path.abspath(reference_dir),
+            "prompts": os.path.abspath(prompts),
+            "reward_model": reward_model and os.path.abspath(reward_model),
+            "world": world_dir and os.path.abspath(world_dir),
+        },
+    }
+    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(report.comparison_markdown(out))
+    write_run_info(workdir, ml_collections.ConfigDict(out["settings"]), timers, stage="compare")
     return out

@@ -205,6 +205,29 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def comparison_markdown(evaluation: dict) -> str:
+    """report.md of ``instructrl evaluate``: the policy against its reference."""
+    s = evaluation["settings"]
+    cols = ("win_rate_vs_reference", "rm_win_rate_vs_reference", "likert", "gold_score",
+            "rm_score", "kl_to_reference", "response_words")  # fmt: skip
+    cols = [c for c in cols if any(c in m for m in evaluation["models"].values())]
+    out = ["# instructrl evaluate", "",
+           f"policy `{s['policy']}` against reference `{s['reference']}` on "
+           f"{evaluation['num_prompts']} prompts of `{s['prompts']}`; win rates judged by the "
+           f"{evaluation['judge']} (ties count one half; 95% intervals over prompts).", "",
+           "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    for name, m in evaluation["models"].items():
+        out.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    if evaluation["attributes"]:
+        out += ["", "| attribute | reference | policy |", "|---|---|---|"]
+        for a in evaluation["attributes"]:
+            cells = [_fmt(evaluation["models"][n].get(a)) for n in ("reference", "policy")]
+            out.append(f"| {a} | " + " | ".join(cells) + " |")
+    settings = {k: s[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+    out += ["", "Sampling: " + json.dumps(settings)]
+    return "\n".join(out) + "\n"
+
+
 def plots(report: dict, directory: str) -> list[str]:
     """PNG figures; returns their paths (none when matplotlib is missing)."""
     try:  # optional: the plots extra

@@ -4,6 +4,8 @@ and the labeler population, and hands out prompts, reference answers and corrupt
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -119,6 +121,19 @@ class World:
         """The world of a config section ``{seed, overrides}`` (``extra`` wins)."""
         overrides = dict(section.get("overrides") or {})
         return cls.build(int(section["seed"]), **{**overrides, **extra})
+
+    @classmethod
+    def from_dir(cls, directory: str) -> World:
+        """The world whose files ``build_all`` wrote to ``directory`` (its world.json)."""
+        path = os.path.join(directory, "world.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory}: not a world directory (no world.json)")
+        with open(path, encoding="utf-8") as f:
+            fields = dict(json.load(f)["config"])
+        for name, value in fields.items():  # JSON lists back to the config's tuples
+            if isinstance(value, list):
+                fields[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        return cls.build(**fields)
 
     @classmethod
     def build(cls, seed: int = 0, **overrides) -> World:
