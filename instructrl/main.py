@@ -1,14 +1,21 @@
-"""Command line: ``instructrl [train|pipeline] [--config FILE[:ARG]] --workdir DIR [--config.x=y]``.
+"""Command line: ``instructrl COMMAND ...``; ``instructrl COMMAND --help`` lists each one's flags.
 
   instructrl train --config configs/sft.py:runlocal --workdir /tmp/sft --config.train.steps=20
   instructrl pipeline --workdir runs/main            # configs/pipeline.py, the built-in default
   instructrl pipeline --workdir runs/x --config.ptx_coef=0.3 --print_config
+  instructrl sample --workdir runs/main/ppo_ptx --prompt "Name a color." --temperature 0
+  instructrl sample --workdir DIR --prompts prompts.jsonl --output answers.jsonl
+  instructrl chat --workdir runs/main/sft
+  instructrl evaluate --policy runs/main/ppo --reference runs/main/sft \\
+      --prompts runs/main/world/prompts_eval.jsonl --workdir runs/eval_ppo
 
-Configs are Python files exposing ``get_config(arg)``; every field, sequences included, can be
-overridden with ``--config.<path>=<value>`` (or ``--config.<path> <value>``), parsed as the
-field's type; an unknown field or a value of the wrong type is an error naming it.
-``--print_config`` prints the fully resolved config (every stage's, for ``pipeline``) and
-exits. Errors in the user's config or data print one line and exit with status 2.
+For ``train`` and ``pipeline``, configs are Python files exposing ``get_config(arg)``; every
+field, sequences included, can be overridden with ``--config.<path>=<value>`` (or
+``--config.<path> <value>``), parsed as the field's type; an unknown field or a value of the
+wrong type is an error naming it. ``--print_config`` prints the fully resolved config (every
+stage's, for ``pipeline``) and exits. ``sample``, ``chat`` and ``evaluate`` read a policy
+workdir (a stage's or an imported model's: ``instructrl.chat``). Errors in the user's config
+or data print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import sys
 
 import jax
 
-from instructrl import config_lib, pipeline, report, runtime
+from instructrl import chat, config_lib, evaluate, pipeline, report, runtime
 from instructrl.checkpoint import CheckpointError
 from instructrl.data.errors import DataError
 from instructrl.stages import TRAINERS
 
 COMMANDS = ("train", "pipeline")
+TALK = ("sample", "chat", "evaluate")  # commands on a policy workdir (``talk``)
 DEFAULT_CONFIG = {"pipeline": "pipeline"}  # configs/<name>.py when --config is not given
 
 
@@ -61,8 +69,79 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, list[tuple[str, str
     return command, flags, overrides
 
 
+def _sampling_flags(parser: argparse.ArgumentParser, temperature: float, new_tokens: int):
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="0: off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--max_new_tokens", type=int, default=new_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=32, help="rows per sampler call")
+    parser.add_argument("--compile_cache", default=runtime.DEFAULT_CACHE,
+                        help="directory of cached XLA executables ('' = off)")  # fmt: skip
+
+
+def _sampling(flags) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    return {k: getattr(flags, k) for k in keys}
+
+
+def talk(command: str, argv: list[str]) -> int:
+    """``sample``, ``chat`` and ``evaluate``: a policy workdir's answers."""
+    parser = argparse.ArgumentParser(prog=f"instructrl {command}")
+    if command == "evaluate":
+        parser.description = "A policy against a reference on a prompts file."
+        parser.add_argument("--policy", required=True, help="the policy's workdir")
+        parser.add_argument("--reference", required=True, help="the reference's workdir")
+        parser.add_argument("--prompts", required=True, help="prompts file ({prompt} JSONL...)")
+        parser.add_argument("--workdir", required=True, help="where the evaluation is written")
+        parser.add_argument("--reward_model", default="", help="a reward-model stage's workdir")
+        parser.add_argument("--world", default="", help="a world directory (default: the "
+                            "prompts file's, when it holds world.json)")  # fmt: skip
+        parser.add_argument("--limit", type=int, default=0, help="the first N prompts only")
+        _sampling_flags(parser, temperature=1.0, new_tokens=64)
+    else:
+        parser.add_argument("--workdir", required=True,
+                            help="a stage's workdir or an imported model's")  # fmt: skip
+        parser.add_argument("--system", default="", help="a system prompt (chat formats)")
+        if command == "sample":
+            parser.description = "Answers of a policy to prompts."
+            parser.add_argument("--prompt", action="append", default=[], help="(repeatable)")
+            parser.add_argument("--prompts", help="a prompts file: {prompt} or {messages} rows")
+            parser.add_argument("--output", help="write JSONL here instead of printing")
+        else:
+            parser.description = "Talk to a policy in the terminal."
+        _sampling_flags(parser, temperature=1.0 if command == "sample" else 0.7,
+                        new_tokens=64)  # fmt: skip
+    flags = parser.parse_args(argv)
+    runtime.configure(compile_cache=flags.compile_cache)
+    if command == "evaluate":
+        out = evaluate.compare(flags.policy, flags.reference, flags.prompts, flags.workdir,
+                               reward_model=flags.reward_model, world_dir=flags.world,
+                               batch_size=flags.batch_size, limit=flags.limit,
+                               **_sampling(flags))  # fmt: skip
+        print(report.comparison_markdown(out), end="")
+        print(f"written: {os.path.join(flags.workdir, 'evaluation.json')}")
+        return 0
+    if command == "sample":
+        records = [{"prompt": p} for p in flags.prompt]
+        if flags.prompts:
+            records += chat.read_prompts(flags.prompts)
+        if not records:
+            raise config_lib.ConfigError("sample: give --prompt TEXT or --prompts FILE")
+        batch = min(flags.batch_size, len(records))
+        policy = chat.Policy(flags.workdir, batch_size=batch, system=flags.system)
+        chat.sample(policy, records, output=flags.output, **_sampling(flags))
+        return 0
+    policy = chat.Policy(flags.workdir, batch_size=1, system=flags.system)
+    chat.chat(policy, **_sampling(flags))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    command, flags, overrides = parse(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TALK:
+        return talk(argv[0], argv[1:])
+    command, flags, overrides = parse(argv)
     spec = flags.config or DEFAULT_CONFIG.get(command)
     if spec is None:
         raise config_lib.ConfigError("--config is required, e.g. --config configs/sft.py:runlocal")

@@ -122,3 +122,22 @@ def test_smollm2_perplexity_and_greedy_answer(smollm2):
     answer = tok.decode(buffer[0, len(prompt) :])
     print(f"greedy answer: {answer!r}")
     assert "Paris" in answer
+
+
+def test_sample_and_chat_on_the_imported_smollm2(smollm2_path, tmp_path, capsys):
+    """The issue's check: imported with ``python -m instructrl.convert``, the model answers
+    through ``instructrl sample`` in its own ChatML template, no other flag needed."""
+    from instructrl import chat, main
+    from instructrl.convert.__main__ import main as convert_main
+
+    workdir = str(tmp_path / "smollm2")
+    convert_main(["--source", smollm2_path, "--workdir", workdir])
+    question = "What is the capital of France?"
+    main.main(["sample", "--workdir", workdir, "--prompt", question, "--temperature", "0",
+               "--max_new_tokens", "12"])  # fmt: skip
+    answer = capsys.readouterr().out
+    print(f"instructrl sample: {answer!r}")
+    assert "Paris" in answer
+    policy = chat.Policy(workdir)
+    assert isinstance(policy.format, chat.ChatFormat)
+    assert policy.prompt_text([{"role": "user", "content": question}]) == PROMPT
