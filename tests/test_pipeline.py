@@ -311,3 +311,211 @@ def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
     else:
         np.testing.assert_allclose(theirs, ours[..., : theirs.shape[-1]], atol=1e-4)
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+# ---- the user surface on the pipeline's stages: sample, chat, evaluate, examples -------------
+
+
+def _stage(run, name):
+    return os.path.join(run[1], name)
+
+
+def _eval_records(run, n=None):
+    rows = [json.loads(x) for x in open(os.path.join(_stage(run, "world"), "prompts_eval.jsonl"))]
+    return rows[:n]
+
+
+def test_sample_prints_and_writes_a_stage_s_answers(run, capsys, tmp_path):
+    """``instructrl sample`` gives the stage's own answers (PPO-ptx: its EMA export) in the
+    world's template, the same draws for the same seed, printed for one prompt and as JSONL
+    for a prompts file. (Sampled at T=1: the tiny world's greedy answers are blank lines.)"""
+    from instructrl import main
+    from instructrl.policy_io import Toolkit
+
+    stage = _stage(run, "ppo_ptx")
+    records = _eval_records(run, 3)
+    tk = Toolkit.from_workdir(stage, batch_size=8)
+    flags = ["--temperature", "1", "--seed", "3", "--max_new_tokens", "16"]
+
+    def want(prompts):
+        return tk.sample(tk.params(stage), prompts, max_new_tokens=16, temperature=1.0, seed=3,
+                         template=tk.template).texts  # fmt: skip
+
+    one = want([records[0]["prompt"]])[0].strip()
+    assert one  # a blank answer would make the comparison vacuous
+    assert main.main(["sample", "--workdir", stage, "--prompt", records[0]["prompt"], *flags]) == 0
+    assert capsys.readouterr().out == one + "\n"
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    main.main(
+        ["sample", "--workdir", stage, "--prompts", str(prompts), "--output", str(out), *flags]
+    )
+    rows = [json.loads(x) for x in open(out)]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert [r["response"] for r in rows] == [
+        t.strip() for t in want([r["prompt"] for r in records])
+    ]
+
+
+def test_sample_rejects_a_reward_model_and_a_bad_prompt_file(run, tmp_path):
+    from instructrl import main
+
+    cmd = [sys.executable, "-m", "instructrl.main", "sample"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    for args, message in (
+        (["--workdir", _stage(run, "rm"), "--prompt", "x"], "is a reward model"),
+        (["--workdir", _stage(run, "sft"), "--prompts", str(bad)], "bad.jsonl:2"),
+    ):
+        with pytest.raises((main.config_lib.ConfigError, main.DataError), match=message):
+            main.main(["sample", *args])
+    proc = subprocess.run([*cmd, "--workdir", _stage(run, "rm"), "--prompt", "x"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_chat_in_a_pseudo_terminal(run):
+    """``instructrl chat`` driven through a pty: commands answer, the reply after /reset is
+    the ``sample`` answer to the same prompt and seed, long histories drop their oldest turns, and
+    Ctrl-D leaves with status 0."""
+    import pty
+
+    from instructrl.policy_io import Toolkit
+
+    stage = _stage(run, "sft")
+    prompt = _eval_records(run, 1)[0]["prompt"]
+    tk = Toolkit.from_workdir(stage, batch_size=8)
+    # T=1 (the tiny world's greedy answers are blank); seed 0 = a fresh conversation's draw.
+    want = tk.sample(tk.params(stage), [prompt], max_new_tokens=24, temperature=1.0, seed=0,
+                     template=tk.template).texts[0].strip()  # fmt: skip
+    assert want
+    # The command line on a pseudo-terminal: its stdin, stdout and controlling terminal.
+    fd, tty = pty.openpty()
+    cmd = [sys.executable, "-m", "instructrl.main", "chat", "--workdir", stage,
+           "--max_new_tokens", "24", "--temperature", "0.5"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdin=tty,
+        stdout=tty,
+        stderr=tty,
+        start_new_session=True,
+        env={**os.environ, "TERM": "dumb"},
+    )  # the terminal's own echo
+    os.close(tty)
+    transcript = ""
+
+    def next_prompt(timeout=240):
+        """Reads the terminal until the chat asks for the next line; returns what it wrote."""
+        nonlocal transcript
+        start, deadline = len(transcript), time.time() + timeout
+        while "> " not in transcript[start:] and time.time() < deadline:
+            try:
+                transcript += os.read(fd, 4096).decode("utf-8", "replace")
+            except OSError:
+                break
+        assert "> " in transcript[start:], transcript[-2000:]
+        return transcript[start:]
+
+    next_prompt()
+    long = " ".join(["tell me more about that"] * 30)  # three of these overflow the context
+    steps = [
+        ("/temperature 1", "(temperature = 1.0)"),
+        ("/top_k x", "needs a number"),
+        ("/nope", "unknown command"),
+        (long, ""),
+        (long, ""),
+        (long, ""),
+        ("/reset", "(conversation cleared)"),
+        (prompt, want.replace("\n", "\r\n") + "\r\n"),
+    ]  # the terminal's newlines
+    for line, marker in steps:
+        os.write(fd, (line + "\n").encode())
+        assert marker in next_prompt(), transcript[-2000:]
+    assert "oldest messages no longer fit the context" in transcript
+    os.write(fd, b"\x04")
+    status = proc.wait(timeout=60)
+    os.close(fd)
+    assert status == 0, transcript[-2000:]
+
+
+def test_evaluate_reproduces_the_pipeline_evaluation(run, tmp_path):
+    """``instructrl evaluate`` of PPO-ptx against SFT on the world's evaluation prompts, at the
+    pipeline's settings, gives the pipeline's own win rate, gold score, RM score and KL; the
+    same prompts outside a world are judged by the reward model."""
+    from instructrl import main
+
+    config, workdir = run[0], run[1]
+    e = config.evaluate
+    prompts = os.path.join(_stage(run, "world"), "prompts_eval.jsonl")
+    flags = ["--max_new_tokens", str(e.max_new_tokens), "--temperature", str(e.temperature),
+             "--seed", str(config.seed), "--batch_size", str(e.batch_size)]  # fmt: skip
+    common = ["evaluate", "--policy", _stage(run, "ppo_ptx"), "--reference", _stage(run, "sft"),
+              "--reward_model", _stage(run, "rm"), *flags]  # fmt: skip
+    main.main([*common, "--prompts", prompts, "--workdir", str(tmp_path / "world")])
+    got = json.load(open(tmp_path / "world" / "evaluation.json"))
+    want = json.load(open(os.path.join(workdir, "evaluate", "evaluation.json")))["models"]
+    assert got["judge"] == "world held-out labelers"
+    policy, reference = got["models"]["policy"], got["models"]["reference"]
+    assert policy["win_rate_vs_reference"] == want["ppo_ptx"]["win_rate_vs_sft"]
+    for key in ("gold_score", "likert", "rm_score"):
+        assert policy[key] == pytest.approx(want["ppo_ptx"][key], rel=1e-6), key
+    assert policy["kl_to_reference"] == pytest.approx(want["ppo_ptx"]["kl_to_sft"], abs=1e-5)
+    assert reference["win_rate_vs_reference"]["mean"] == 0.5
+    assert reference["kl_to_reference"] == 0.0
+    assert "| policy |" in open(tmp_path / "world" / "report.md").read()
+
+    plain = tmp_path / "prompts.jsonl"  # the same prompts, away from the world's directory
+    plain.write_text(
+        "".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _eval_records(run))
+    )
+    main.main([*common, "--prompts", str(plain), "--workdir", str(tmp_path / "rm")])
+    by_rm = json.load(open(tmp_path / "rm" / "evaluation.json"))
+    assert by_rm["judge"] == "reward model"
+    p = by_rm["models"]["policy"]
+    assert p["win_rate_vs_reference"] == p["rm_win_rate_vs_reference"]
+    assert p["rm_score"] == pytest.approx(policy["rm_score"], rel=1e-6)
+    answers = [json.loads(x)["response"] for x in open(tmp_path / "rm" / "samples_policy.jsonl")]
+    assert answers == [
+        json.loads(x)["response"] for x in open(tmp_path / "world" / "samples_policy.jsonl")
+    ]
+    with pytest.raises(main.config_lib.ConfigError, match="--reward_model"):
+        main.main(["evaluate", "--policy", _stage(run, "ppo"), "--reference", _stage(run, "sft"),
+                   "--prompts", str(plain), "--workdir", str(tmp_path / "x")])  # fmt: skip
+
+
+def _example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "examples", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_ppo_loop_raises_the_reward_from_sft(run):
+    result = _example("ppo_loop").main([
+        "--sft", _stage(run, "sft"), "--rm", _stage(run, "rm"),
+        "--prompts", os.path.join(_stage(run, "world"), "prompts_ppo.jsonl"),
+        "--iterations", "8", "--batch", "16", "--max_new_tokens", "16", "--lr", "1e-4",
+    ])  # fmt: skip
+    history = result["history"]
+    assert abs(history[0]["kl_to_sft"]) < 1e-4  # the first rollout is the SFT policy's own
+    assert history[-1]["kl_to_sft"] > 0
+    # Held-out prompts, sampled with one key before and after: the policy's RM score rose.
+    assert result["held_out_rm_score"] > result["held_out_rm_score_before"], result
+
+
+def test_example_rm_loop_learns_the_rankings(run):
+    rankings = _stage(run, "rankings")
+    result = _example("rm_loop").main([
+        "--init", _stage(run, "sft"), "--rankings", os.path.join(rankings, "rankings_train.jsonl"),
+        "--valid", os.path.join(rankings, "rankings_valid_train_labelers.jsonl"),
+        "--limit", "48", "--epochs", "4", "--lr", "3e-4",
+    ])  # fmt: skip
+    losses = [row["loss"] for row in result["log"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    # It fits the rankings it trains on (the tiny world's validation pairs are too few to say).
+    assert result["train_accuracy"] > result["train_accuracy_before"] + 0.1, result
