@@ -53,10 +53,8 @@ def render(fmt: PlainFormat | ChatFormat, messages: list[dict]) -> str:
     for m in messages:
         if m["role"] == "user":
             parts.append(fmt.template.format(prompt=m["content"]))
-        elif m["role"] == "assistant":
+        else:  # an answer, or a system message: plain text before the next turn
             parts.append(m["content"] + "\n\n")
-        else:
-            parts.append(m["content"] + "\n\n")  # a system message: plain text before the rest
     return "".join(parts)
 
 

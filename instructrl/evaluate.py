@@ -54,8 +54,10 @@ def interval(outcomes, z: float = 1.96) -> dict:
     return {"mean": mean, "low": max(0.0, mean - half), "high": min(1.0, mean + half), "n": len(x)}
 
 
-def judge(world, records: list[dict], responses: list[str], sft_responses: list[str]) -> dict:
-    """Held-out labelers' verdicts and gold scores of one model's responses."""
+def judge(world, records: list[dict], responses: list[str], sft_responses: list[str],
+          baseline: str = "sft") -> dict:  # fmt: skip
+    """Held-out labelers' verdicts and gold scores of one model's responses; the win rate
+    over the baseline's responses (``sft_responses``) is ``win_rate_vs_<baseline>``."""
     heldout = world.labelers.heldout
     wins, likerts, gold = [], [], []
     flags = {k: [] for k in ATTRIBUTES}
@@ -75,7 +77,7 @@ def judge(world, records: list[dict], responses: list[str], sft_responses: list[
             flags[k].append(float(judged[k]))
             gold_attr[k].append(float(truth[k]))
     out = {
-        "win_rate_vs_sft": interval(wins),
+        f"win_rate_vs_{baseline}": interval(wins),
         "likert": float(np.mean(likerts)),
         "gold_score": float(np.mean(gold)),
     }
@@ -87,7 +89,7 @@ def judge(world, records: list[dict], responses: list[str], sft_responses: list[
     out["by_family"] = {
         str(f): {
             "n": int((families == f).sum()),
-            "win_rate_vs_sft": float(wins[families == f].mean()),
+            f"win_rate_vs_{baseline}": float(wins[families == f].mean()),
             "gold_score": float(gold[families == f].mean()),
         }
         for f in sorted(set(families))
@@ -283,11 +285,7 @@ def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
     for name, p in (("reference", reference), ("policy", policy)):
         b, ref_texts = batches[name], batches["reference"].texts
         with timers.time("judging"):
-            res = judge(world, records, b.texts, ref_texts) if world is not None else {}
-        if "win_rate_vs_sft" in res:
-            res["win_rate_vs_reference"] = res.pop("win_rate_vs_sft")
-            for row in res["by_family"].values():
-                row["win_rate_vs_reference"] = row.pop("win_rate_vs_sft")
+            res = {} if world is None else judge(world, records, b.texts, ref_texts, "reference")
         res["response_words"] = float(np.mean([len(t.split()) for t in b.texts]))
         if rm_scores:
             s, s_ref = rm_scores[name], rm_scores["reference"]
