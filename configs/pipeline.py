@@ -72,8 +72,14 @@ def get_config(arg=None):
     c.sft.evals.heldout.every_steps = 40
     c.sft.checkpoint.every_steps = 40
 
-    # Comparison data: K SFT samples per RM prompt, ranked (instructrl.rankings).
+    # Comparison data: K responses per RM prompt from several sources, ranked
+    # (instructrl.rankings; experiments/signal measures what each source pair adds).
     c.rankings = dict(
+        sources=dict(
+            sft=dict(model="sft", temperature=1.0, weight=0.5),  # what PPO samples
+            sft_cool=dict(model="sft", temperature=0.7, weight=0.25),
+            base_fewshot=dict(model="pretrain", temperature=1.0, weight=0.25, fewshot_shots=2),
+        ),
         temperature=1.0,
         max_new_tokens=64,
         min_responses=4,

@@ -40,10 +40,9 @@ from instructrl.train import is_done, write_run_info
 from instructrl.world import World, heldout
 from instructrl.world.datasets import read_jsonl
 from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
+from instructrl.world.world import FEWSHOT_STOP
 
 log = logging.getLogger(__name__)
-
-FEWSHOT_STOP = "###"
 
 
 def interval(outcomes, z: float = 1.96) -> dict:

@@ -53,7 +53,7 @@ def wire_sft(c, dirs, config) -> None:
 
 
 def wire_rankings(c, dirs, config) -> None:
-    c.policy, c.world_dir = dirs["sft"], dirs["world"]
+    c.policy, c.base, c.world_dir = dirs["sft"], dirs["pretrain"], dirs["world"]
     c.world = world_section(config)
 
 
@@ -98,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("world", _world, (), trains=False),
     Stage("pretrain", sft.run, ("world",), wire_pretrain),
     Stage("sft", sft.run, ("world", "pretrain"), wire_sft),
-    Stage("rankings", rankings.run, ("world", "sft"), wire_rankings, trains=False),
+    Stage("rankings", rankings.run, ("world", "pretrain", "sft"), wire_rankings, trains=False),
     Stage("rm", rm.run, ("world", "sft", "rankings"), wire_rm),
     Stage("ppo", ppo.run, ("world", "sft", "rm"), wire_rl, section="rl"),
     Stage("ppo_ptx", ppo.run, ("world", "sft", "rm"), wire_rl, section="rl", concurrent_with="ppo"),

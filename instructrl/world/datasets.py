@@ -91,7 +91,8 @@ def build_rankings(
     """One ranking per record: K in [min_responses, max_responses] responses from
     ``sample_fn``, ranked by a labeler drawn from ``labelers``.
 
-    Returns [{"prompt", "responses" (K str), "ranks" (K int, 0 = best), "labeler_id", "id"}].
+    Returns [{"prompt", "responses" (K str), "ranks" (K int, 0 = best), "labeler_id", "id"
+    [, "sources" (K str)]}].
     """
     c = world.config
     rng = as_rng(c.seed if seed is None else seed, "rankings")
@@ -100,16 +101,19 @@ def build_rankings(
     chosen = [labelers[int(rng.integers(len(labelers)))] for _ in records]
     responses = sample_fn(records, ks)
     out = []
-    for record, labeler, candidates in zip(records, chosen, responses, strict=True):
-        out.append(
-            {
-                "prompt": record["prompt"],
-                "responses": list(candidates),
-                "ranks": labeler.rank(record, list(candidates)),
-                "labeler_id": labeler.labeler_id,
-                "id": record["id"],
-            }
-        )
+    for record, labeler, drawn in zip(records, chosen, responses, strict=True):
+        # sample_fn gives K texts, or (K texts, K source names).
+        candidates, sources = drawn if isinstance(drawn, tuple) else (drawn, None)
+        row = {
+            "prompt": record["prompt"],
+            "responses": list(candidates),
+            "ranks": labeler.rank(record, list(candidates)),
+            "labeler_id": labeler.labeler_id,
+            "id": record["id"],
+        }
+        if sources is not None:
+            row["sources"] = list(sources)
+        out.append(row)
     return out
 
 

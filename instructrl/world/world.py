@@ -43,6 +43,10 @@ TOXIC_SENTENCES = (
 )
 
 
+# The separator of few-shot examples (the corpus's layout): a few-shot answer ends at it.
+FEWSHOT_STOP = "###"
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Every knob of the world; ``World.build(seed, **overrides)`` fills it.
@@ -63,11 +67,13 @@ class WorldConfig:
     ramble_rate: float = 0.3
     constraint_ignore_rate: float = 0.7
     instruction_page_rate: float = 0.02
-    # Labelers (calibrated so agreement is near the paper's 72.6% / 77.3%).
+    # Labelers. The noise is calibrated so that inter-labeler agreement (appendix B.3) on the
+    # default pipeline's comparison data is the paper's 72.6% (training) and 77.3% (held-out):
+    # 0.728 / 0.771 on seed 0 (experiments/signal).
     num_train_labelers: int = 16
     num_heldout_labelers: int = 8
-    train_noise: float = 0.26
-    heldout_noise: float = 0.18
+    train_noise: float = 0.105
+    heldout_noise: float = 0.065
     length_bias_std: float = 0.05
     max_constraint_leniency: float = 0.5
     tie_margin: float = 0.01
@@ -302,7 +308,7 @@ class World:
         shots = []
         for i in range(num_shots):
             example = self.sample_prompt(rng, family=record["family"], record_id=f"shot-{i}")
-            shots.append(f"{example['prompt']}\n\n{self.solve(example, i)}\n\n###\n\n")
+            shots.append(f"{example['prompt']}\n\n{self.solve(example, i)}\n\n{FEWSHOT_STOP}\n\n")
         return "".join(shots) + record["prompt"]
 
     def demonstrations(self, records: list[dict], seed: int | None = None) -> list[dict]:
