@@ -1,10 +1,12 @@
 """Run one of the paper's ablations in miniature (see experiments/<name>/README.md).
 
   python experiments/run.py NAME --workdir DIR [--tiny]
+  python experiments/run.py seeds --seeds 0,1,2 --workdir DIR   # DIR/seed_<N>, one pipeline each
 
 NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
-rm_generalization (f), overoptimization (g). All share DIR's world, base model, SFT policy,
-rankings and reward model, so running several experiments in one DIR builds those once.
+rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost).
+All share DIR's world, base model, SFT policy, rankings and reward model, so running several
+experiments in one DIR builds those once.
 Writes DIR/results_<NAME>.{json,md} and prints the table.
 """
 
@@ -15,6 +17,8 @@ import json
 import logging
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +180,55 @@ def rm_generalization(config, workdir, tiny):
     return {"row": row}, common.table([row], cols)
 
 
+SIGNAL_COLUMNS = [
+    "prompts",
+    "gold_std",
+    "gold_range",
+    "train_vs_gold",
+    "heldout_vs_gold",
+    "inter_train",
+    "inter_heldout",
+    "inter_train_vs_heldout",
+    "rm_vs_labels",
+    "rm_vs_train",
+    "rm_vs_heldout",
+    "rm_vs_gold",
+]
+
+
+def signal(config, workdir, tiny):
+    """Where the comparison data's signal is lost: in the data (gold spread), the labelers
+    (agreement with gold and with each other) or the RM (its accuracy against each), overall,
+    per task family and per pair of response sources (instructrl.world.signal)."""
+    from instructrl.policy_io import Toolkit
+    from instructrl.world import World
+    from instructrl.world import signal as signal_lib
+    from instructrl.world.datasets import read_jsonl
+
+    world = World.from_dir(os.path.join(workdir, "world"))
+    records = read_jsonl(os.path.join(workdir, "world", "prompts_rm_valid.jsonl"))
+    rows = read_jsonl(os.path.join(workdir, "rankings", "rankings_valid_train_labelers.jsonl"))
+    rm_dir = os.path.join(workdir, "rm")
+    tk = Toolkit.from_workdir(rm_dir, batch_size=64)
+    texts = [t for r in rows for t in r["responses"]]
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    # + 1: the RM stage scores every response with its EOS, one cut at max_new_tokens too.
+    max_new = int(common.stage_config(config, workdir, "rankings").max_new_tokens) + 1
+    flat = tk.rm_scores(
+        tk.params(rm_dir, head="scalar"), tk.batch_from_texts(prompts, texts, max_new, tk.template)
+    )
+    ends = np.cumsum([len(r["responses"]) for r in rows])
+    scores = [
+        flat[end - len(r["responses"]) : end].tolist() for end, r in zip(ends, rows, strict=True)
+    ]
+    measured = signal_lib.measure(world, {r["id"]: r for r in records}, rows, scores)
+    table_rows = [{"slice": "overall", **measured["overall"]}]
+    table_rows += [{"slice": f"family {k}", **v} for k, v in measured["by_family"].items()]
+    table_rows += [{"slice": f"sources {k}", **v} for k, v in measured["by_source_pair"].items()]
+    md = common.table(table_rows, ["slice", *SIGNAL_COLUMNS])
+    return measured, md
+
+
 def size(config, workdir, tiny):
     """(e) The small RLHF policies against a larger base model, pretrained on the same text for
     the same steps, prompted zero-shot and few-shot; all judged against the small SFT policy
@@ -214,6 +267,68 @@ def size(config, workdir, tiny):
     return {"rows": rows, "models": models, "params": params}, md
 
 
+SEED_MODELS = ("sft", "ppo", "ppo_ptx", "base", "base_fewshot")
+
+
+def pooled_interval(parts: list[dict], z: float = 1.96) -> dict:
+    """The mean and normal 95% interval over the union of several samples, each given as
+    {mean, low, high, n} (evaluate.interval): exactly as if the outcomes were pooled."""
+    n = np.array([p["n"] for p in parts], np.float64)
+    m = np.array([p["mean"] for p in parts], np.float64)
+    sd = np.array([(p["high"] - p["mean"]) * np.sqrt(p["n"]) / z for p in parts])
+    total = n.sum()
+    mean = float((n * m).sum() / total)
+    var = (((n - 1) * sd**2).sum() + (n * (m - mean) ** 2).sum()) / (total - 1)
+    half = z * float(np.sqrt(var / total))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(total)}
+
+
+def seeds(config, workdir, tiny, seed_list=(0, 1, 2)):
+    """The default pipeline on each world seed (DIR/seed_<N>), one row per seed and model:
+    labeler agreement, RM accuracy by labeler group, win rate vs SFT with its interval, gold,
+    Likert, KL and pretraining loss; and each model's win rate pooled over the seeds."""
+    from instructrl import pipeline
+
+    rows, reports = [], {}
+    for seed in seed_list:
+        seed_dir = os.path.join(workdir, f"seed_{seed}")
+        pipeline.run(common.base_config(tiny, seed=seed), seed_dir)
+        with open(os.path.join(seed_dir, "report.json")) as f:
+            report = json.load(f)
+        reports[seed] = report
+        rm = report["reward_model"]
+        agreement = rm.get("labeler_agreement") or {}
+        models = report["models"]
+        for name in SEED_MODELS:
+            m = models[name]
+            rows.append(
+                {
+                    "seed": seed,
+                    "model": name,
+                    "win_rate_vs_sft": m["win_rate_vs_sft"],
+                    "gold_score": m["gold_score"],
+                    "likert": m["likert"],
+                    "kl_to_sft": m["kl_to_sft"],
+                    "pretrain_loss": m["pretrain_loss"],
+                    "inter_train": agreement.get("inter_train"),
+                    "inter_heldout": agreement.get("inter_heldout"),
+                    "rm_acc_train": rm.get("accuracy_train_labelers"),
+                    "rm_acc_heldout": rm.get("accuracy_heldout_labelers"),
+                }
+            )
+    pooled = {
+        name: pooled_interval([reports[s]["models"][name]["win_rate_vs_sft"] for s in reports])
+        for name in SEED_MODELS
+        if name != "sft"
+    }
+    for name, interval in pooled.items():
+        rows.append({"seed": "pooled", "model": name, "win_rate_vs_sft": interval})
+    columns = ["seed", "model", "win_rate_vs_sft", "gold_score", "likert", "kl_to_sft",
+               "pretrain_loss", "inter_train", "inter_heldout", "rm_acc_train",
+               "rm_acc_heldout"]  # fmt: skip
+    return {"rows": rows, "pooled": pooled, "seeds": list(seed_list)}, common.table(rows, columns)
+
+
 def _param_count(stage_config) -> int:
     from instructrl.model import count_params
     from instructrl.presets import model_config
@@ -230,6 +345,8 @@ EXPERIMENTS = {
     "rm_generalization": rm_generalization,
     "overoptimization": overoptimization,
     "size": size,
+    "signal": signal,
+    "seeds": seeds,
 }
 
 
@@ -238,14 +355,19 @@ def main(argv=None) -> str:
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tiny", action="store_true", help="runlocal sizes (seconds)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds: the world seeds to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
     config = common.base_config(args.tiny)
-    common.shared_stages(config, args.workdir)
-    results, md = EXPERIMENTS[args.experiment](config, args.workdir, args.tiny)
+    if args.experiment == "seeds":  # every seed is a whole pipeline of its own
+        seed_list = tuple(int(x) for x in args.seeds.split(","))
+        results, md = seeds(config, args.workdir, args.tiny, seed_list)
+    else:
+        common.shared_stages(config, args.workdir)
+        results, md = EXPERIMENTS[args.experiment](config, args.workdir, args.tiny)
     path = common.write_results(args.workdir, args.experiment, results, md)
     print(md)
     print(f"written: {path}")

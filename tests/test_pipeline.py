@@ -239,6 +239,7 @@ def experiments(run):
         "size",
         "rm_generalization",
         "overoptimization",
+        "signal",
     ],
 )
 def test_experiment_tiny_variant_writes_its_report(experiments, name):
@@ -269,6 +270,16 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         # The first point is the SFT policy itself (eval_at_start): no KL to itself.
         assert curve[0]["step"] == 0 and abs(curve[0]["kl_to_sft"]) < 1e-5
         assert curve[-1]["step"] == results["overrides"]["ppo.iterations"]
+    if name == "signal":
+        overall = results["overall"]
+        # The RM's accuracy against the file's own labels, recomputed from its scores here,
+        # is the accuracy the RM stage logged on the same rankings.
+        logged = [json.loads(x) for x in open(os.path.join(workdir, "rm", "metrics.jsonl"))]
+        logged = [r for r in logged if "eval/accuracy_train_labelers" in r][-1]
+        assert abs(overall["rm_vs_labels"] - logged["eval/accuracy_train_labelers"]) < 0.02
+        for key in ("inter_train", "inter_heldout", "train_vs_gold", "rm_vs_gold"):
+            assert 0.0 <= overall[key] <= 1.0 and overall[f"{key}_pairs"] > 0
+        assert set(results["by_source_pair"]) and set(results["by_family"])
     if name == "size":
         rows = {r["model"]: r for r in results["rows"]}
         assert rows["base_medium"]["params"] > 2 * rows["base_small"]["params"]
@@ -519,3 +530,31 @@ def test_example_rm_loop_learns_the_rankings(run):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     # It fits the rankings it trains on (the tiny world's validation pairs are too few to say).
     assert result["train_accuracy"] > result["train_accuracy_before"] + 0.1, result
+
+
+def test_seeds_table_pools_the_seeds_reports(experiments, tmp_path):
+    """The seeds experiment on one done pipeline (linked in as seed 0): one row per model, and
+    the pooled interval over one seed is that seed's own."""
+    module, workdir = experiments
+    os.symlink(workdir, tmp_path / "seed_0")
+    path = module.main(["seeds", "--seeds", "0", "--workdir", str(tmp_path), "--tiny"])
+    results = json.load(open(path.replace(".md", ".json")))
+    rep = json.load(open(os.path.join(workdir, "report.json")))
+    rows = {(r["seed"], r["model"]): r for r in results["rows"]}
+    assert rows[0, "ppo_ptx"]["win_rate_vs_sft"] == rep["models"]["ppo_ptx"]["win_rate_vs_sft"]
+    assert rows[0, "sft"]["rm_acc_train"] == rep["reward_model"]["accuracy_train_labelers"]
+    pooled = results["pooled"]["ppo_ptx"]
+    own = rep["models"]["ppo_ptx"]["win_rate_vs_sft"]
+    np.testing.assert_allclose([pooled[k] for k in ("mean", "low", "high")],
+                               [own[k] for k in ("mean", "low", "high")], atol=1e-9)  # fmt: skip
+
+
+def test_pooled_interval_is_the_interval_of_the_pooled_outcomes(experiments):
+    module, _ = experiments
+    rng = np.random.default_rng(3)
+    sizes = ((50, [0.3, 0.2, 0.5]), (80, [0.5, 0.1, 0.4]), (31, [0.2, 0.6, 0.2]))
+    samples = [rng.choice([0.0, 0.5, 1.0], size=n, p=p) for n, p in sizes]
+    got = module.pooled_interval([evaluate.interval(x) for x in samples])
+    want = evaluate.interval(np.concatenate(samples))
+    for key in ("mean", "low", "high", "n"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12)
