@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--kl_coef", type=float, default=0.02)
+    parser.add_argument("--held_out_draws", type=int, default=4, help="samples per held-out prompt")
     args = parser.parse_args(argv)
 
     tk = Toolkit.from_workdir(args.sft, batch_size=args.batch)  # models, tokenizer, template
@@ -79,11 +80,11 @@ def main(argv=None) -> dict:
         prompt = sharding.shard_batch({"tokens": tokens, "mask": mask}, tk.mesh)
         return prompt["tokens"], prompt["mask"]
 
-    held_out = encode(prompts[-args.batch :])  # the same prompts and key before and after
+    held_out = encode(prompts[-args.batch :])  # the same prompts and keys before and after
 
-    def held_out_score(state) -> float:
-        r = rollout(state, rm, sft, *held_out, jax.random.key(-1))
-        return float(r.raw_scores.mean())
+    def held_out_score(state) -> float:  # several draws each: one is noisy on a small batch
+        keys = jax.random.split(jax.random.key(-1), args.held_out_draws)
+        return float(np.mean([rollout(state, rm, sft, *held_out, k).raw_scores for k in keys]))
 
     update = jax.jit(functools.partial(ppo.update_phase, models, hp, tx, value_tx))
     rng, history = np.random.default_rng(0), []

@@ -510,12 +510,13 @@ def test_example_ppo_loop_raises_the_reward_from_sft(run):
     result = _example("ppo_loop").main([
         "--sft", _stage(run, "sft"), "--rm", _stage(run, "rm"),
         "--prompts", os.path.join(_stage(run, "world"), "prompts_ppo.jsonl"),
-        "--iterations", "8", "--batch", "16", "--max_new_tokens", "16", "--lr", "1e-4",
+        "--iterations", "8", "--batch", "16", "--max_new_tokens", "16", "--lr", "3e-4",
     ])  # fmt: skip
     history = result["history"]
     assert abs(history[0]["kl_to_sft"]) < 1e-4  # the first rollout is the SFT policy's own
     assert history[-1]["kl_to_sft"] > 0
-    # Held-out prompts, sampled with one key before and after: the policy's RM score rose.
+    # Held-out prompts, sampled with the same four keys before and after: the RM score rose
+    # (the smoke run's RM is near chance, its scores spread ~0.01: one draw was noise).
     assert result["held_out_rm_score"] > result["held_out_rm_score_before"], result
 
 

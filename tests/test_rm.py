@@ -159,8 +159,12 @@ def test_rm_world_check_small(tmp_path):
         ]
     )  # fmt: skip
     results = rm_world_check.run_check(args)
-    assert 0.6 < results["agreement_train_labelers"] < 0.85
-    assert results["gold_accuracy_train_labelers"] > 0.7  # labeler noise caps any RM near here
+    # The world's references and corruptions differ more than sampled responses do, so the
+    # labelers agree more here than on the pipeline's rankings (0.728), yet short of unanimity.
+    agreement = results["agreement_train_labelers"]
+    assert 0.6 < agreement < 0.95
+    # Two noisy labelers agree with each other less than either agrees with the gold order.
+    assert agreement < results["gold_accuracy_train_labelers"] < 1.0
     one, shuffled = results["variants"]["all_in_one"], results["variants"]["shuffled"]
     assert one["steps"] == 64 // 8
     assert shuffled["steps"] > 10 * one["steps"]  # the same data, one epoch
