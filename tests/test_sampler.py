@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,3 +240,48 @@ def test_unrolled_and_scanned_decoding_agree():
     a, b = jax.jit(run)(), jax.jit(functools.partial(run, unroll_layers=False))()
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def _np_filtered_logprobs(logits, tokens, temperature, top_k, top_p):
+    """float64 NumPy: log-probs of ``tokens`` under temperature, top-k, then top-p (nucleus on
+    the top-k-renormalized distribution, the smallest prefix reaching top_p mass)."""
+    z = np.asarray(logits, np.float64) / temperature
+    out = np.zeros(tokens.shape)
+    for idx in np.ndindex(tokens.shape):
+        row = z[idx].copy()
+        order = np.argsort(-row)
+        keep = np.zeros(row.shape, bool)
+        keep[order[:top_k] if top_k else order] = True
+        p = np.exp(row - row[keep].max()) * keep
+        p /= p.sum()
+        mass = np.cumsum(p[order]) - p[order]  # mass before each token in sorted order
+        keep[order[mass >= top_p]] = False
+        row = np.where(keep, row, -np.inf)
+        out[idx] = row[tokens[idx]] - np.logaddexp.reduce(row[keep])
+    return out
+
+
+def test_teacher_forced_logprobs_are_the_samplers_under_filtering():
+    """PPO scores a response with ``scoring.response_logprobs`` under the distribution the
+    sampler drew it from: at T 0.7, top-k 8, top-p 0.9 both equal a float64 NumPy filter, and
+    the reference (same T, no truncation) gives every token at least that filtered mass back."""
+    from instructrl import scoring
+
+    model, params = _model("tiny")
+    tokens, mask = _prompts()
+    s = scoring.Sampling(temperature=0.7, top_k=8, top_p=0.9)
+    out = generate(model, params, tokens, mask, jax.random.key(5), max_new_tokens=8, eos_id=60,
+                   pad_id=0, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)  # fmt: skip
+    models = scoring.Models(policy=model, scalar=model, rules=())
+    args = (tokens, mask, out.tokens, out.mask)
+    logp, _ = scoring.response_logprobs(models, params, *args, s)
+    _, raw = scoring.response_logprobs(models, params, *args)  # unfiltered logits (B, N, V)
+    ref_logp, _ = scoring.response_logprobs(models, params, *args, s.reference())
+    m = np.asarray(out.mask) > 0
+    expected = _np_filtered_logprobs(np.asarray(raw), np.asarray(out.tokens), 0.7, 8, 0.9)
+    chex.assert_shape(logp, out.tokens.shape)
+    np.testing.assert_allclose(np.asarray(logp)[m], expected[m], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out.logprobs)[m], expected[m], atol=2e-5)
+    # Truncation only renormalizes mass onto the kept tokens, and at least one step here cut.
+    gap = (np.asarray(logp) - np.asarray(ref_logp))[m]
+    assert (gap >= -1e-6).all() and gap.max() > 1e-3
