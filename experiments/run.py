@@ -4,7 +4,8 @@
   python experiments/run.py seeds --seeds 0,1,2 --workdir DIR   # DIR/seed_<N>, one pipeline each
 
 NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
-rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost).
+rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost),
+departures (PPO-ptx with each of the fidelity issue's known departures fixed).
 All share DIR's world, base model, SFT policy, rankings and reward model, so running several
 experiments in one DIR builds those once.
 Writes DIR/results_<NAME>.{json,md} and prints the table.
@@ -81,6 +82,28 @@ def ptx_sweep(config, workdir, tiny):
     coefs = (0.0, 27.8) if tiny else (0.0, 0.03, 0.1, 0.3, 1.0, 27.8)
     variants = {f"ptx_{g}": {"ptx.coef": g} for g in coefs}
     return policy_sweep(config, workdir, "ptx_sweep", variants, tiny)
+
+
+def departures(config, workdir, tiny):
+    """The fidelity issue's known departures of the default PPO-ptx, each alone and all
+    together: the value optimizer warmed up like the policy's (the paper's 10 iterations for
+    both; the default inherits ppo.py's 10 x 4 minibatches), responses as long as the rankings'
+    (the RM learned from 64 new tokens, PPO samples 48), and a fixed score for a response cut
+    without EOS (the RM never saw one; it is scored where it stops)."""
+    rl, coef = config.rl, float(config.ptx_coef)
+    fixes = {
+        "value_warmup": {"value_optimizer.warmup_steps": int(rl.optimizer.warmup_steps)},
+        "max_new_64": {"ppo.max_new_tokens": int(config.rankings.max_new_tokens)},
+        "no_eos_penalty": {"ppo.no_eos_penalty": -1.0},
+    }
+    variants = {"ppo_ptx": {"ptx.coef": coef}}
+    if not tiny:
+        variants.update({name: {"ptx.coef": coef, **o} for name, o in fixes.items()})
+    variants["all_fixed"] = {
+        "ptx.coef": coef,
+        **{k: v for o in fixes.values() for k, v in o.items()},
+    }
+    return policy_sweep(config, workdir, "departures", variants, tiny)
 
 
 def overoptimization(config, workdir, tiny):
@@ -344,6 +367,7 @@ EXPERIMENTS = {
     "rm_batching": rm_batching,
     "rm_generalization": rm_generalization,
     "overoptimization": overoptimization,
+    "departures": departures,
     "size": size,
     "signal": signal,
     "seeds": seeds,

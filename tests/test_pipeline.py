@@ -240,6 +240,7 @@ def experiments(run):
         "rm_generalization",
         "overoptimization",
         "signal",
+        "departures",
     ],
 )
 def test_experiment_tiny_variant_writes_its_report(experiments, name):
@@ -248,7 +249,7 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
     results = json.load(open(path.replace(".md", ".json")))
     table = open(path).read()
     assert table.count("\n") >= 2
-    if name in ("ptx_vs_ppo", "kl_sweep", "ptx_sweep"):
+    if name in ("ptx_vs_ppo", "kl_sweep", "ptx_sweep", "departures"):
         names = [r["variant"] for r in results["rows"]]
         assert names[0] == "sft" and len(names) >= 3
         for row in results["rows"][1:]:
