@@ -58,7 +58,7 @@ def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
     policy (the pipeline's own PPO and PPO-ptx included) share one training run.
     """
     resolved = pipeline.resolve(config, workdir)
-    c = resolved["ppo"]
+    c = resolved["ppo"].copy_and_resolve_references()  # the pipeline's own stays as it was
     for key, value in overrides.items():
         _set(c, key, value)
     settings = {"ppo.kl_coef": float(c.ppo.kl_coef), "ptx.coef": float(c.ptx.coef)}

@@ -2,6 +2,7 @@
 the report has every key, finished stages are not recomputed, and a pipeline SIGKILLed inside
 every training stage resumes to the same params, metrics and report."""
 
+import functools
 import json
 import os
 import signal
@@ -532,6 +533,17 @@ def test_example_rm_loop_learns_the_rankings(run):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     # It fits the rankings it trains on (the tiny world's validation pairs are too few to say).
     assert result["train_accuracy"] > result["train_accuracy_before"] + 0.1, result
+
+
+def test_variants_reuse_the_pipelines_own_policies_when_their_settings_match(experiments):
+    """A variant with the settings of the pipeline's PPO or PPO-ptx is that stage, nothing
+    retrained (the overrides once leaked into the pipeline's own PPO config before the match,
+    so PPO-ptx's settings matched plain PPO and every sweep row reused PPO)."""
+    module, workdir = experiments
+    config = module.common.base_config(True)
+    variant = functools.partial(module.common.ppo_variant, config, workdir, "v")
+    assert variant({"ptx.coef": float(config.ptx_coef)}) == os.path.join(workdir, "ppo_ptx")
+    assert variant({"ptx.coef": 0.0}) == os.path.join(workdir, "ppo")
 
 
 def test_seeds_table_pools_the_seeds_reports(experiments, tmp_path):
