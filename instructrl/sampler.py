@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax
 import jax
@@ -95,6 +96,114 @@ class Samples:
     mask: jax.Array  # (B, N) int32, 1 up to and including EOS
 
 
+@flax.struct.dataclass
+class Decoding:
+    """The decode loop's state: what ``prefill`` returns and each ``decode_step`` advances.
+
+    Slots [0, P - 1) of the cache hold the prompt; step i writes slot P - 1 + i, so P and N
+    are read off the shapes (S = P + N - 1 slots)."""
+
+    i: jax.Array  # () int32, tokens sampled so far
+    token: jax.Array  # (B,) int32, the token step i feeds
+    cache: Any  # per-layer {"k", "v"} (B, K, S, H)
+    kv_mask: jax.Array  # (B, S) int32, the slots a query may attend to
+    first_position: jax.Array  # (B,) position id of the last real prompt token
+    samples: Samples  # (B, N) outputs so far
+    done: jax.Array  # (B,) bool, the row has sampled EOS
+
+
+def decoding_model(model: Transformer, params, unroll_layers: bool = True):
+    """(model, params) the decode loop runs: a scanned model's layers unrolled (the module
+    docstring says why) unless ``unroll_layers`` is False."""
+    if model.cfg.scan_layers and unroll_layers:
+        cfg = dataclasses.replace(model.cfg, scan_layers=False)
+        return Transformer(cfg, head=model.head), unstack_layers(params, cfg.num_layers)
+    return model, params
+
+
+def _constrain(model: Transformer, cache, rules):
+    """The cache on its mesh axes (batch over data/fsdp, KV heads over tensor)."""
+    axes = ("layers", *CACHE_AXES) if model.cfg.scan_layers else CACHE_AXES
+    with nn.logical_axis_rules(rules):
+        return jax.tree.map(lambda x: nn.with_logical_constraint(x, axes), cache)
+
+
+def _forward(model, params, tokens, positions, kv_mask, cache, index, rules):
+    with nn.logical_axis_rules(rules):
+        logits, cache = model.apply(
+            {"params": params},
+            tokens,
+            positions=positions,
+            attention_mask=kv_mask,
+            cache=cache,
+            cache_index=index,
+        )
+    return logits, _constrain(model, cache, rules)
+
+
+def prefill(model: Transformer, params, prompt_tokens, prompt_mask, *, max_new_tokens: int,
+            pad_id: int, rules=()) -> Decoding:  # fmt: skip
+    """A fresh cache for ``max_new_tokens`` more tokens, with all but the last prompt token
+    written into it (their logits are dead code; the last one is step 0's input).
+
+    prompt_tokens, prompt_mask: (B, P) left-padded."""
+    batch, prompt_len = prompt_tokens.shape
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens - 1)))  # (B, S)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # (B, P)
+    cache = _constrain(model, init_cache(model.cfg, batch, prompt_len + max_new_tokens - 1), rules)
+    if prompt_len > 1:
+        args = (prompt_tokens[:, :-1], positions[:, :-1], kv_mask, cache, 0, rules)
+        _, cache = _forward(model, params, *args)
+    samples = Samples(
+        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        mask=jnp.zeros((batch, max_new_tokens), jnp.int32),
+    )
+    return Decoding(
+        i=jnp.int32(0),
+        token=prompt_tokens[:, -1].astype(jnp.int32),
+        cache=cache,
+        kv_mask=kv_mask,
+        first_position=positions[:, -1],
+        samples=samples,
+        done=jnp.zeros((batch,), bool),
+    )
+
+
+def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pad_id: int,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                rules=()) -> Decoding:  # fmt: skip
+    """Feed ``d.token`` at slot P - 1 + i and sample token i (key fold_in(rng, i)); a row that
+    is done gets pad, mask 0 and log-prob 0."""
+    batch, max_new_tokens = d.samples.tokens.shape
+    slot = d.kv_mask.shape[1] - max_new_tokens + d.i
+    kv_mask = jax.lax.dynamic_update_index_in_dim(
+        d.kv_mask, jnp.ones((batch,), jnp.int32), slot, axis=1
+    )
+    pos = (d.first_position + d.i)[:, None]  # (B, 1)
+    logits, cache = _forward(model, params, d.token[:, None], pos, kv_mask, d.cache, slot, rules)
+    logits = logits[:, 0]
+    if temperature == 0.0:
+        filtered, new = logits, jnp.argmax(logits, axis=-1)
+    else:
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        new = inverse_cdf_sample(jax.random.fold_in(rng, d.i), filtered)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(filtered), new[:, None], axis=-1)[:, 0]
+    new = jnp.where(d.done, pad_id, new.astype(jnp.int32))
+
+    def put(buffer, value):
+        return jax.lax.dynamic_update_index_in_dim(buffer, value, d.i, axis=1)
+
+    samples = Samples(
+        tokens=put(d.samples.tokens, new),
+        logprobs=put(d.samples.logprobs, jnp.where(d.done, 0.0, logp)),
+        mask=put(d.samples.mask, (~d.done).astype(jnp.int32)),
+    )
+    return d.replace(i=d.i + 1, token=new, cache=cache, kv_mask=kv_mask, samples=samples,
+                     done=d.done | (new == eos_id))  # fmt: skip
+
+
 def generate(
     model: Transformer,
     params,
@@ -117,83 +226,18 @@ def generate(
     prompt_tokens, prompt_mask: (B, P) left-padded; rng: a key (token i uses fold_in(rng, i)).
     temperature 0 is greedy decoding. ``unroll_layers=False`` keeps a scanned model's layer
     scan (faster compiles for very deep models, one cache copy per step).
+    ``prefill`` then ``decode_step`` in a ``lax.while_loop`` until every row is done.
     Returns Samples(tokens, logprobs, mask), each (B, max_new_tokens).
     """
-    cfg = model.cfg
-    if cfg.scan_layers and unroll_layers:
-        cfg = dataclasses.replace(cfg, scan_layers=False)
-        model = Transformer(cfg, head=model.head)
-        params = unstack_layers(params, cfg.num_layers)
-    batch, prompt_len = prompt_tokens.shape
-    slots = prompt_len + max_new_tokens - 1
-    prompt_mask = prompt_mask.astype(jnp.int32)
-    kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens - 1)))  # (B, S)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # (B, P)
-    first_position = positions[:, -1]  # (B,) position of the last prompt token
+    model, params = decoding_model(model, params, unroll_layers)
+    d = prefill(model, params, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
+                pad_id=pad_id, rules=rules)  # fmt: skip
+    options = dict(eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k,
+                   top_p=top_p, rules=rules)  # fmt: skip
 
-    def apply(tokens, positions, kv_mask, cache, index):
-        with nn.logical_axis_rules(rules):
-            return model.apply(
-                {"params": params},
-                tokens,
-                positions=positions,
-                attention_mask=kv_mask,
-                cache=cache,
-                cache_index=index,
-            )
+    def cond(d: Decoding):
+        return (d.i < max_new_tokens) & ~jnp.all(d.done)
 
-    def constrain(cache):
-        with nn.logical_axis_rules(rules):
-            axes = CACHE_AXES if not cfg.scan_layers else ("layers", *CACHE_AXES)
-            return jax.tree.map(lambda x: nn.with_logical_constraint(x, axes), cache)
-
-    def pick(logits, key):
-        """logits (B, V) -> (token (B,), its log-prob under the sampling distribution)."""
-        if temperature == 0.0:
-            filtered = logits
-            token = jnp.argmax(logits, axis=-1)
-        else:
-            filtered = filter_logits(logits, temperature, top_k, top_p)
-            token = inverse_cdf_sample(key, filtered)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(filtered), token[:, None], axis=-1)[:, 0]
-        return token.astype(jnp.int32), logp
-
-    cache = constrain(init_cache(cfg, batch, slots))
-    if prompt_len > 1:  # prefill all but the last prompt token; its logits are dead code
-        _, cache = apply(prompt_tokens[:, :-1], positions[:, :-1], kv_mask, cache, 0)
-        cache = constrain(cache)
-
-    def cond(carry):
-        i, _, _, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, token, cache, kv_mask, out, done = carry
-        out_tokens, out_logps, out_mask = out
-        slot = prompt_len - 1 + i  # where ``token`` goes
-        kv_mask = jax.lax.dynamic_update_index_in_dim(
-            kv_mask, jnp.ones((batch,), jnp.int32), slot, axis=1
-        )
-        pos = (first_position + i)[:, None]  # (B, 1)
-        logits, cache = apply(token[:, None], pos, kv_mask, cache, slot)
-        new, logp = pick(logits[:, 0], jax.random.fold_in(rng, i))
-        new = jnp.where(done, pad_id, new)
-        out_tokens = jax.lax.dynamic_update_index_in_dim(out_tokens, new, i, axis=1)
-        out_logps = jax.lax.dynamic_update_index_in_dim(
-            out_logps, jnp.where(done, 0.0, logp), i, axis=1
-        )
-        out_mask = jax.lax.dynamic_update_index_in_dim(
-            out_mask, (~done).astype(jnp.int32), i, axis=1
-        )
-        done = done | (new == eos_id)
-        return i + 1, new, constrain(cache), kv_mask, (out_tokens, out_logps, out_mask), done
-
-    out = (
-        jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((batch, max_new_tokens), jnp.float32),
-        jnp.zeros((batch, max_new_tokens), jnp.int32),
-    )
-    done = jnp.zeros((batch,), bool)
-    carry = (jnp.int32(0), prompt_tokens[:, -1].astype(jnp.int32), cache, kv_mask, out, done)
-    _, _, _, _, (tokens, logprobs, mask), _ = jax.lax.while_loop(cond, body, carry)
-    return Samples(tokens=tokens, logprobs=logprobs, mask=mask)
+    return jax.lax.while_loop(
+        cond, lambda d: decode_step(model, params, d, rng, **options), d
+    ).samples
