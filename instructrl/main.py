@@ -8,14 +8,17 @@
   instructrl chat --workdir runs/main/sft
   instructrl evaluate --policy runs/main/ppo --reference runs/main/sft \\
       --prompts runs/main/world/prompts_eval.jsonl --workdir runs/eval_ppo
+  instructrl compile --config configs/ppo.py:model=gpt3-1.3b --topology v5e:4x4  # no TPU needed
 
-For ``train`` and ``pipeline``, configs are Python files exposing ``get_config(arg)``; every
-field, sequences included, can be overridden with ``--config.<path>=<value>`` (or
-``--config.<path> <value>``), parsed as the field's type; an unknown field or a value of the
-wrong type is an error naming it. ``--print_config`` prints the fully resolved config (every
-stage's, for ``pipeline``) and exits. ``sample``, ``chat`` and ``evaluate`` read a policy
-workdir (a stage's or an imported model's: ``instructrl.chat``). Errors in the user's config
-or data print one line and exit with status 2.
+For ``train``, ``pipeline`` and ``compile``, configs are Python files exposing
+``get_config(arg)``; every field, sequences included, can be overridden with
+``--config.<path>=<value>`` (or ``--config.<path> <value>``), parsed as the field's type; an
+unknown field or a value of the wrong type is an error naming it. ``--print_config`` prints
+the fully resolved config (every stage's, for ``pipeline``) and exits. ``compile`` compiles a
+stage's jitted steps for a TPU topology on this host and prints their memory and cost per chip
+(``instructrl.aot``). ``sample``, ``chat`` and ``evaluate`` read a policy workdir (a stage's or
+an imported model's: ``instructrl.chat``). Errors in the user's config or data print one line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from instructrl.checkpoint import CheckpointError
 from instructrl.data.errors import DataError
 from instructrl.stages import TRAINERS
 
-COMMANDS = ("train", "pipeline")
+COMMANDS = ("train", "pipeline", "compile")
 TALK = ("sample", "chat", "evaluate")  # commands on a policy workdir (``talk``)
 DEFAULT_CONFIG = {"pipeline": "pipeline"}  # configs/<name>.py when --config is not given
 
@@ -65,6 +68,12 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, list[tuple[str, str
                         help="call jax.distributed.initialize() (multi-host)")  # fmt: skip
     parser.add_argument("--compile_cache", default=runtime.DEFAULT_CACHE,
                         help="directory of cached XLA executables ('' = off)")  # fmt: skip
+    if command == "compile":
+        parser.add_argument("--topology", required=True,
+                            help="a TPU slice: v5e:4x4, v5p:4x4x4, v4:2x2x2...")  # fmt: skip
+        parser.add_argument("--json", default="", help="also write the report here")
+        parser.add_argument("--require_fit", action="store_true",
+                            help="exit 1 when the stage does not fit the chips' HBM")  # fmt: skip
     flags = parser.parse_args(rest)
     return command, flags, overrides
 
@@ -148,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load_config(spec).unlock()
     config_lib.apply_overrides(config, overrides)
     config.lock()
+    if command == "compile":
+        if flags.print_config:
+            print(config.copy_and_resolve_references(), end="")
+            return 0
+        from instructrl import aot  # loads libtpu's compiler only when asked
+
+        return aot.main(config, flags.topology, flags.json, flags.require_fit)
     if command == "pipeline":
         workdir = flags.workdir or "runs/main"
         if flags.print_config:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -275,15 +276,52 @@ def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, jax.Array]:
     }
 
 
+def state_init(models: scoring.Models, hp: Hparams, tx, value_tx):
+    """``init(rng) -> PPOState`` (Flax-boxed; its logical axes give the shardings): the policy,
+    its EMA and the value model, freshly initialized (``run`` then loads SFT and the RM)."""
+
+    def init(rng):
+        example = jnp.zeros((1, 8), jnp.int32)
+        with nn.logical_axis_rules(models.rules):
+            policy = models.policy.init(jax.random.fold_in(rng, 0), example)["params"]
+            value = models.scalar.init(jax.random.fold_in(rng, 1), example)["params"]
+        return PPOState(
+            step=jnp.zeros((), jnp.int32),
+            params=policy,
+            opt_state=tx.init(policy),
+            value_params=value,
+            value_opt_state=value_tx.init(value),
+            ema_params=policy,
+            kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
+        )
+
+    return init
+
+
+def phases(models: scoring.Models, hp: Hparams, tx, value_tx) -> dict[str, Callable]:
+    """The jitted phases of one iteration, as ``make_step`` composes them (and ``instructrl
+    compile`` lowers them): generate(params, prompt_tokens, prompt_mask, rng) -> Samples;
+    score(params, value_params, ref_params, rm_params, prompt_tokens, prompt_mask, samples)
+    -> Rollout; advantages(rollout, kl_coef); summarize(rollout); update(state, rollout, ptx,
+    rng) -> (state, metrics), the state donated."""
+    return {
+        "generate": hp.generate_fn(models),
+        "score": jax.jit(functools.partial(score_phase, models, hp)),
+        "advantages": jax.jit(functools.partial(advantage_phase, hp)),
+        "summarize": jax.jit(functools.partial(rollout_metrics, eos_id=hp.eos_id)),
+        "update": jax.jit(
+            functools.partial(update_phase, models, hp, tx, value_tx), donate_argnums=(0,)
+        ),
+    }
+
+
 def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict):
     """The PPO iteration as ``step(state, batch, rng) -> (state, metrics)``: four jitted phases
     (the frozen reference and RM params are their arguments). batch: prompt_tokens,
     prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``."""
-    gen = hp.generate_fn(models)
-    score = jax.jit(functools.partial(score_phase, models, hp))
-    advantages = jax.jit(functools.partial(advantage_phase, hp))
-    summarize = jax.jit(functools.partial(rollout_metrics, eos_id=hp.eos_id))
-    update = jax.jit(functools.partial(update_phase, models, hp, tx, value_tx), donate_argnums=(0,))
+    jitted = phases(models, hp, tx, value_tx)
+    gen, score, advantages = jitted["generate"], jitted["score"], jitted["advantages"]
+    summarize, update = jitted["summarize"], jitted["update"]
 
     def step(state: PPOState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -350,23 +388,8 @@ def run(config, workdir: str) -> PPOState:
     tx, _ = make_optimizer(optimizer_config(config.optimizer, updates))
     value_tx, _ = make_optimizer(optimizer_config(config.value_optimizer, updates))
 
-    def init(rng):
-        example = jnp.zeros((1, 8), jnp.int32)
-        with nn.logical_axis_rules(run.rules):
-            policy = models.policy.init(jax.random.fold_in(rng, 0), example)["params"]
-            value = models.scalar.init(jax.random.fold_in(rng, 1), example)["params"]
-        return PPOState(
-            step=jnp.zeros((), jnp.int32),
-            params=policy,
-            opt_state=tx.init(policy),
-            value_params=value,
-            value_opt_state=value_tx.init(value),
-            ema_params=policy,
-            kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
-        )
-
     state, shardings, abstract = sharding.create_sharded(
-        init, run.mesh, run.rules, jax.random.key(int(config.seed))
+        state_init(models, hp, tx, value_tx), run.mesh, run.rules, jax.random.key(int(config.seed))
     )
     frozen = {
         "ref": run.load(config.init_from, abstract.params),

@@ -91,17 +91,36 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     )
 
 
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
+    """(shardings, abstract value with shardings) of ``init_fn(*args)``, computing nothing:
+    what ``create_sharded`` builds into, and what ahead-of-time compilation lowers against.
+    ``init_fn`` may return Flax boxes; they give the shardings."""
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(boxed, mesh, rules)
+    return shardings, abstract_with_shardings(nn.unbox(boxed), shardings)
+
+
 def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any, Any]:
     """Build ``init_fn(*args)`` directly into its sharding; nothing is materialized whole.
 
     ``init_fn`` may return Flax boxes; they give the shardings and are unboxed in the result.
     Returns (value, shardings, abstract value with shardings).
     """
-    boxed = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(boxed, mesh, rules)
+    shardings, abstract = abstract_sharded(init_fn, mesh, rules, *args)
     value = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-    abstract = abstract_with_shardings(nn.unbox(boxed), shardings)
     return value, shardings, abstract
+
+
+def shard_bytes(abstract: Any) -> int:
+    """Bytes of ``abstract`` (arrays or ShapeDtypeStructs with shardings) held by one device:
+    the largest shard of each leaf (leaves without a sharding count whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        itemsize = getattr(leaf.dtype, "itemsize", None) or 8  # PRNG keys: their key data
+        total += int(np.prod(shape, dtype=np.int64)) * int(itemsize)
+    return total
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

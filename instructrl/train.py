@@ -96,10 +96,9 @@ def state_dict(state) -> dict[str, Any]:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
-    """The train state built directly into its sharding (eval_shape, then jit with
-    out_shardings). example: keyword inputs of ``model.init`` (shapes only).
-    Returns (state, state_shardings, abstract_state)."""
+def train_state_init(model: nn.Module, tx, example: dict, rules) -> Callable:
+    """``init(rng) -> TrainState`` (Flax-boxed params, whose logical axes give the shardings).
+    example: keyword inputs of ``model.init`` (shapes only)."""
 
     def init(rng):
         with nn.logical_axis_rules(rules):
@@ -107,7 +106,24 @@ def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
         params = params["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    return sharding.create_sharded(init, mesh, rules, rng)
+    return init
+
+
+def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
+    """The train state built directly into its sharding (eval_shape, then jit with
+    out_shardings). Returns (state, state_shardings, abstract_state)."""
+    return sharding.create_sharded(train_state_init(model, tx, example, rules), mesh, rules, rng)
+
+
+def jit_step(step_fn: Callable, shardings, batch_shardings, mesh):
+    """``step_fn(state, batch, rng)`` jitted as every stage runs it: explicit shardings, the
+    state donated, metrics replicated. ``instructrl compile`` lowers this same function."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings, sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 def global_norm(tree) -> jax.Array:
@@ -193,7 +209,7 @@ class Run:
         """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
         ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric."""
         if schedule is not None:
-            step_fn = _with_lr(step_fn, schedule)
+            step_fn = with_lr(step_fn, schedule)
         config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers
         train_cfg, ckpt_cfg = config.train, config.checkpoint
         rng = jax.random.key(int(config.seed))
@@ -216,12 +232,7 @@ class Run:
         if jit_step:
             example = batcher.batch(start)
             batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
-            jstep = jax.jit(
-                step_fn,
-                in_shardings=(shardings, batch_shardings, sharding.replicated(mesh)),
-                out_shardings=(shardings, sharding.replicated(mesh)),
-                donate_argnums=(0,),
-            )
+            jstep = jit_step(step_fn, shardings, batch_shardings, mesh)
         context = {**(eval_context or {}), "workdir": workdir, "mesh": mesh, "rules": self.rules}
         context.setdefault("tokenizer", self.tokenizer)
         context.setdefault("config", config)
@@ -316,7 +327,9 @@ class Run:
         mark_done(self.workdir)
 
 
-def _with_lr(step_fn, schedule):
+def with_lr(step_fn, schedule):
+    """``step_fn`` with the learning rate of the update it made as an ``lr`` metric."""
+
     def step(state, batch, rng):
         state, metrics = step_fn(state, batch, rng)
         return state, {**metrics, "lr": schedule(state.step - 1)}
