@@ -7,9 +7,9 @@
 ``jax[tpu]``'s libtpu compiles for a named topology with no TPU present
 (``jax.experimental.topologies``). This module builds a stage's state and batches as abstract
 arrays with the shardings the config's mesh gives them over that topology's devices, lowers the
-stage's *own* jitted functions (``train.jit_step`` of ``sft.lm_step`` / ``rm.rm_step``; PPO's
-``ppo.phases`` and the sampler's ``prefill`` and ``decode_step``) and compiles them with XLA's
-TPU compiler. Nothing is materialized, so a 175B model compiles on a laptop.
+stage's *own* jitted functions (``train.jit_train_step`` of ``sft.lm_step`` / ``rm.rm_step``;
+PPO's ``ppo.phases`` and the sampler's ``prefill`` and ``decode_step``) and compiles them with
+XLA's TPU compiler. Nothing is materialized: no parameter is ever allocated on this host.
 
 Per device it reports ``memory_analysis()`` (argument, output, aliased and temporary bytes)
 and ``cost_analysis()`` (FLOPs and HBM bytes per call), and derives:
@@ -51,7 +51,7 @@ from instructrl.optim import make_optimizer
 from instructrl.rm import rm_step
 from instructrl.sft import lm_step
 from instructrl.tokenizer import make_tokenizer
-from instructrl.train import jit_step, optimizer_config, train_state_init, with_lr
+from instructrl.train import jit_train_step, optimizer_config, train_state_init, with_lr
 
 GiB = 2**30
 
@@ -262,7 +262,7 @@ def _divides(what: str, size: int, mesh) -> None:
 
 
 def _lm_steps(config, mesh, rules, model_cfg) -> tuple[list[Step], int, dict]:
-    """SFT / pretraining: ``sft.lm_step`` as ``train.jit_step`` runs it."""
+    """SFT / pretraining: ``sft.lm_step`` as ``train.jit_train_step`` runs it."""
     model = Transformer(model_cfg, head="lm")
     b, t = int(config.train.batch_size), int(config.data.seq_len)
     _divides("train.batch_size", b, mesh)
@@ -276,7 +276,7 @@ def _lm_steps(config, mesh, rules, model_cfg) -> tuple[list[Step], int, dict]:
     batch = _batch(mesh, {k: ((b, t), jnp.int32) for k in keys})
     fn = with_lr(functools.partial(lm_step, model, tx, rules), schedule)
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-    jitted = jit_step(fn, shardings, batch_shardings, mesh)
+    jitted = jit_train_step(fn, shardings, batch_shardings, mesh)
     resident = sharding.shard_bytes(state)
     step, _ = compile_one(
         "train_step", jitted, state, batch, _key(mesh), resident_in_args=resident,
@@ -305,7 +305,7 @@ def _rm_steps(config, mesh, rules, model_cfg) -> tuple[list[Step], int, dict]:
         },
     )
     fn = with_lr(functools.partial(rm_step, model, tx, rules), schedule)
-    jitted = jit_step(fn, shardings, jax.tree.map(lambda x: x.sharding, batch), mesh)
+    jitted = jit_train_step(fn, shardings, jax.tree.map(lambda x: x.sharding, batch), mesh)
     resident = sharding.shard_bytes(state)
     step, _ = compile_one(
         "train_step", jitted, state, batch, _key(mesh), resident_in_args=resident,

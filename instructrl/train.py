@@ -115,7 +115,7 @@ def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
     return sharding.create_sharded(train_state_init(model, tx, example, rules), mesh, rules, rng)
 
 
-def jit_step(step_fn: Callable, shardings, batch_shardings, mesh):
+def jit_train_step(step_fn: Callable, shardings, batch_shardings, mesh):
     """``step_fn(state, batch, rng)`` jitted as every stage runs it: explicit shardings, the
     state donated, metrics replicated. ``instructrl compile`` lowers this same function."""
     return jax.jit(
@@ -232,7 +232,7 @@ class Run:
         if jit_step:
             example = batcher.batch(start)
             batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
-            jstep = jit_step(step_fn, shardings, batch_shardings, mesh)
+            jstep = jit_train_step(step_fn, shardings, batch_shardings, mesh)
         context = {**(eval_context or {}), "workdir": workdir, "mesh": mesh, "rules": self.rules}
         context.setdefault("tokenizer", self.tokenizer)
         context.setdefault("config", config)
