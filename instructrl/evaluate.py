@@ -182,7 +182,7 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
             for r, text in zip(records, b.texts, strict=True):
                 f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n")
 
-    results = {}
+    results, lm_losses = {}, {}
     sft_texts = batches["sft"].texts
     for m in models:
         b = batches[m]
@@ -196,7 +196,9 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
                 ref = tk.logprobs(params["sft"], b, sampling.reference())
                 res["kl_to_sft"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
             res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
-            res["pretrain_loss"] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
+            if models[m] not in lm_losses:  # base and base_fewshot are the same weights
+                lm_losses[models[m]] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
+            res["pretrain_loss"] = lm_losses[models[m]]
         twin = m.replace("base_fewshot", "base")  # the same weights, prompted zero-shot
         with timers.time("heldout_tasks"):
             if m.startswith("base_fewshot") and twin in results:

@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from instructrl import config_lib, convert, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
-from instructrl.data.lm import left_pad
+from instructrl.data.lm import bucket_length, left_pad
 from instructrl.model import ModelConfig, Transformer
 from instructrl.presets import model_config
 from instructrl.tokenizer import Tokenizer, make_tokenizer
@@ -65,7 +65,6 @@ class Toolkit:
         n = jax.device_count()
         self.batch_size = max(n, -(-batch_size // n) * n)
         self._abstract = {}
-        self._generators = {}
 
     @classmethod
     def from_workdir(cls, workdir: str, batch_size: int = 32, cache: dict | None = None) -> Toolkit:
@@ -118,10 +117,10 @@ class Toolkit:
         return np.argsort(np.asarray(prompt_mask).sum(1), kind="stable")
 
     @staticmethod
-    def _trim(prompt_tokens, prompt_mask, tokens=None, mask=None, multiple: int = 32):
+    def _trim(prompt_tokens, prompt_mask, tokens=None, mask=None):
         """A chunk's arrays without the padding every row has: left prompt padding and right
-        response padding, each kept to a multiple of ``multiple`` (few shapes compile)."""
-        keep = lambda n, full: min(full, max(multiple, -(-int(n) // multiple) * multiple))  # noqa: E731
+        response padding, each kept to a ``bucket_length`` (few shapes compile)."""
+        keep = lambda n, full: min(full, bucket_length(int(n)))  # noqa: E731
         p = keep(np.asarray(prompt_mask).sum(1).max(), prompt_tokens.shape[1])
         out = [prompt_tokens[:, -p:], prompt_mask[:, -p:]]
         if tokens is not None:
@@ -131,13 +130,7 @@ class Toolkit:
 
     # ---- sampling ---------------------------------------------------------------------------
     def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
-        key = (max_new_tokens, temperature, top_k, top_p)
-        if key not in self._generators:
-            self._generators[key] = self._make_generate(*key)
-        return self._generators[key]
-
-    def _make_generate(self, max_new_tokens, temperature, top_k, top_p):
-        tok = self.tokenizer
+        tok = self.tokenizer  # sampler.bind shares one compilation across temperatures
         return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=temperature, top_k=top_k,
                             top_p=top_p, rules=self.rules)  # fmt: skip

@@ -30,7 +30,7 @@ from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
-from instructrl.train import Run, global_norm, optimizer_config
+from instructrl.train import Run, global_norm, lazy_state, optimizer_config
 
 
 @flax.struct.dataclass
@@ -388,7 +388,9 @@ def run(config, workdir: str) -> PPOState:
     tx, _ = make_optimizer(optimizer_config(config.optimizer, updates))
     value_tx, _ = make_optimizer(optimizer_config(config.value_optimizer, updates))
 
-    state, shardings, abstract = sharding.create_sharded(
+    # The policy starts from SFT and the value model from the RM (init_from): the fresh
+    # initialization is never built, only its shardings.
+    initial, shardings, abstract = lazy_state(
         state_init(models, hp, tx, value_tx), run.mesh, run.rules, jax.random.key(int(config.seed))
     )
     frozen = {
@@ -396,18 +398,20 @@ def run(config, workdir: str) -> PPOState:
         "rm": run.load(config.ppo.reward_model, abstract.value_params),
     }
 
-    def init_from(state):
+    def init_from(initial):
         value = run.load(
             config.ppo.get("value_from") or config.ppo.reward_model, abstract.value_params
         )
         policy = frozen["ref"]
         copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (state is donated)
-        return state.replace(
+        return PPOState(
+            step=jnp.zeros((), jnp.int32),
             params=copy(policy),
             opt_state=tx.init(policy),
-            ema_params=copy(policy),
             value_params=value,
             value_opt_state=value_tx.init(value),
+            ema_params=copy(policy),
+            kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
         )
 
     class Batcher:
@@ -431,7 +435,7 @@ def run(config, workdir: str) -> PPOState:
     }
     run.write_info(train_prompts=len(train_records), eval_prompts=len(eval_records))
     state = run.fit(
-        state=state,
+        initial=initial,
         shardings=shardings,
         abstract=abstract,
         step_fn=make_step(models, hp, tx, value_tx, frozen),

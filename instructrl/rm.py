@@ -33,9 +33,10 @@ from instructrl.train import (
     Run,
     TrainState,
     apply_gradients,
-    init_train_state,
+    lazy_state,
     optimizer_config,
     total_steps,
+    train_state_init,
 )
 
 
@@ -387,8 +388,11 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     tx, schedule = make_optimizer(optimizer_config(config.optimizer, steps))
     k = train_arrays["tokens"].shape[1]
     example = {"tokens": jax.ShapeDtypeStruct((batch_size * k, seq_len), jnp.int32)}
-    state, shardings, abstract = init_train_state(
-        model, tx, jax.random.key(int(config.seed)), example, run.mesh, run.rules
+    initial, shardings, abstract = lazy_state(
+        train_state_init(model, tx, example, run.rules),
+        run.mesh,
+        run.rules,
+        jax.random.key(int(config.seed)),
     )
     info = {
         "rankings": len(rankings),
@@ -403,14 +407,14 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     }
     run.write_info(**info)
 
-    def init_from(state):
+    def init_from(initial):
         trunk = {name: v for name, v in abstract.params.items() if name != "scalar_head"}
         params = dict(run.load(config.init_from, trunk))
-        params["scalar_head"] = state.params["scalar_head"]
-        return state.replace(params=params, opt_state=tx.init(params))
+        params["scalar_head"] = initial().params["scalar_head"]  # a fresh head on the trunk
+        return initial().replace(params=params, opt_state=tx.init(params))
 
     state = run.fit(
-        state=state,
+        initial=initial,
         shardings=shardings,
         abstract=abstract,
         step_fn=functools.partial(rm_step, model, tx, run.rules),

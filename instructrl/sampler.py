@@ -32,12 +32,13 @@ from flax import linen as nn
 from instructrl.model import CACHE_AXES, Transformer, init_cache, unstack_layers
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature, top_k: int, top_p: float) -> jax.Array:
     """Temperature, then top-k, then nucleus (top-p) filtering over the last axis (V).
 
-    logits: (..., V) float32. Excluded tokens get -inf. Temperature 0 (greedy) leaves the
-    logits as they are: the greedy token is their argmax, and the sampler reports its log-prob
-    under the model's own softmax.
+    logits: (..., V) float32; temperature: a Python float or a traced scalar (one compiled
+    sampler serves every temperature). Excluded tokens get -inf. Temperature 0 (greedy,
+    static) leaves the logits as they are: the greedy token is their argmax, and the sampler
+    reports its log-prob under the model's own softmax.
     """
     if is_identity(temperature, top_k, top_p):
         return logits
@@ -65,28 +66,36 @@ def inverse_cdf_sample(key, logits: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
 
 
-def is_identity(temperature: float, top_k: int, top_p: float) -> bool:
-    """Whether ``filter_logits`` leaves the logits unchanged (greedy, or plain T = 1)."""
+def is_identity(temperature, top_k: int, top_p: float) -> bool:
+    """Whether ``filter_logits`` leaves the logits unchanged (greedy, or plain T = 1); a traced
+    temperature is never known to be the identity."""
+    if not isinstance(temperature, int | float):
+        return False
     return temperature == 0.0 or (temperature == 1.0 and not top_k and top_p >= 1.0)
 
 
 def bind(model: Transformer, *, max_new_tokens: int, eos_id: int, pad_id: int,
          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rules=()):  # fmt: skip
-    """``generate`` with its static options bound, jitted: (params, prompt_tokens,
-    prompt_mask, rng) -> Samples."""
-    return jax.jit(
-        functools.partial(
-            generate,
-            model,
-            max_new_tokens=max_new_tokens,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            rules=rules,
-        )
+    """``generate`` with its options bound: (params, prompt_tokens, prompt_mask, rng) ->
+    Samples. The temperature travels as an argument of the jitted function (greedy, top-k and
+    top-p are static), so samplers at different temperatures share one compilation."""
+    jitted = _jitted_generate(model, max_new_tokens, eos_id, pad_id, temperature == 0.0,
+                              top_k, top_p, rules)  # fmt: skip
+    temp = jnp.float32(temperature)
+    return lambda params, prompt_tokens, prompt_mask, rng: jitted(
+        params, prompt_tokens, prompt_mask, rng, temp
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_generate(model, max_new_tokens, eos_id, pad_id, greedy, top_k, top_p, rules):
+    def fn(params, prompt_tokens, prompt_mask, rng, temperature):
+        return generate(model, params, prompt_tokens, prompt_mask, rng,
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                        temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                        rules=rules)  # fmt: skip
+
+    return jax.jit(fn)
 
 
 @flax.struct.dataclass
@@ -172,10 +181,11 @@ def prefill(model: Transformer, params, prompt_tokens, prompt_mask, *, max_new_t
 
 
 def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pad_id: int,
-                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                temperature=1.0, top_k: int = 0, top_p: float = 1.0,
                 rules=()) -> Decoding:  # fmt: skip
     """Feed ``d.token`` at slot P - 1 + i and sample token i (key fold_in(rng, i)); a row that
-    is done gets pad, mask 0 and log-prob 0."""
+    is done gets pad, mask 0 and log-prob 0. ``temperature``: a float (0.0: greedy) or a
+    traced scalar."""
     batch, max_new_tokens = d.samples.tokens.shape
     slot = d.kv_mask.shape[1] - max_new_tokens + d.i
     kv_mask = jax.lax.dynamic_update_index_in_dim(
@@ -184,7 +194,7 @@ def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pa
     pos = (d.first_position + d.i)[:, None]  # (B, 1)
     logits, cache = _forward(model, params, d.token[:, None], pos, kv_mask, d.cache, slot, rules)
     logits = logits[:, 0]
-    if temperature == 0.0:
+    if isinstance(temperature, int | float) and temperature == 0.0:
         filtered, new = logits, jnp.argmax(logits, axis=-1)
     else:
         filtered = filter_logits(logits, temperature, top_k, top_p)
@@ -214,7 +224,7 @@ def generate(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-    temperature: float = 1.0,
+    temperature=1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     rules=(),
@@ -224,8 +234,9 @@ def generate(
 
     model: a ``Transformer`` with the LM head; params: its params (scanned or not);
     prompt_tokens, prompt_mask: (B, P) left-padded; rng: a key (token i uses fold_in(rng, i)).
-    temperature 0 is greedy decoding. ``unroll_layers=False`` keeps a scanned model's layer
-    scan (faster compiles for very deep models, one cache copy per step).
+    temperature: a float (0.0: greedy decoding) or a traced scalar. ``unroll_layers=False``
+    keeps a scanned model's layer scan (faster compiles for very deep models, one cache copy
+    per step).
     ``prefill`` then ``decode_step`` in a ``lax.while_loop`` until every row is done.
     Returns Samples(tokens, logprobs, mask), each (B, max_new_tokens).
     """

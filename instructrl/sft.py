@@ -20,7 +20,15 @@ from instructrl.data import lm as lm_data
 from instructrl.data import pipeline as data_pipeline
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
-from instructrl.train import Run, apply_gradients, init_train_state, optimizer_config, total_steps
+from instructrl.train import (
+    Run,
+    TrainState,
+    apply_gradients,
+    lazy_state,
+    optimizer_config,
+    total_steps,
+    train_state_init,
+)
 
 
 def lm_step(model: Transformer, tx, rules, state, batch, rng):
@@ -117,8 +125,11 @@ def run(config, workdir: str):
     steps = total_steps(config.train, batcher.steps_per_epoch)
     tx, schedule = make_optimizer(optimizer_config(config.optimizer, steps))
     example = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
-    state, shardings, abstract = init_train_state(
-        model, tx, jax.random.key(int(config.seed)), example, run.mesh, run.rules
+    initial, shardings, abstract = lazy_state(
+        train_state_init(model, tx, example, run.rules),
+        run.mesh,
+        run.rules,
+        jax.random.key(int(config.seed)),
     )
     run.write_info(
         steps_per_epoch=batcher.steps_per_epoch,
@@ -127,12 +138,12 @@ def run(config, workdir: str):
         model=vars(run.model_cfg),
     )
 
-    def init_from(state):
+    def init_from(initial):
         params = run.load(config.init_from, abstract.params)
-        return state.replace(params=params, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     state = run.fit(
-        state=state,
+        initial=initial,
         shardings=shardings,
         abstract=abstract,
         step_fn=functools.partial(lm_step, model, tx, run.rules),

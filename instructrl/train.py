@@ -115,6 +115,23 @@ def init_train_state(model: nn.Module, tx, rng, example: dict, mesh, rules):
     return sharding.create_sharded(train_state_init(model, tx, example, rules), mesh, rules, rng)
 
 
+def lazy_state(init_fn: Callable, mesh, rules, *args) -> tuple[Callable, Any, Any]:
+    """(initial, shardings, abstract) of ``init_fn(*args)`` without computing it: ``initial()``
+    builds the state into its sharding on first call (then returns the same value). A stage
+    that starts from another stage's params or a checkpoint never pays for initializing
+    (and compiling the initialization of) weights it then replaces."""
+    shardings, abstract = sharding.abstract_sharded(init_fn, mesh, rules, *args)
+    built = []
+
+    def initial():
+        if not built:
+            build = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)
+            built.append(build(*args))
+        return built[0]
+
+    return initial, shardings, abstract
+
+
 def jit_train_step(step_fn: Callable, shardings, batch_shardings, mesh):
     """``step_fn(state, batch, rng)`` jitted as every stage runs it: explicit shardings, the
     state donated, metrics replicated. ``instructrl compile`` lowers this same function."""
@@ -193,7 +210,7 @@ class Run:
     def fit(
         self,
         *,
-        state,
+        initial: Callable[[], Any],
         shardings,
         abstract,
         step_fn: Callable,
@@ -207,6 +224,10 @@ class Run:
         schedule: Callable | None = None,
     ):
         """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
+
+        initial: builds the fresh state (``lazy_state``), called only when no checkpoint
+        restores; ``init_from(initial)`` returns the state a run starts from another stage
+        with (it calls ``initial()`` only for values it keeps, such as a new head).
         ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric."""
         if schedule is not None:
             step_fn = with_lr(step_fn, schedule)
@@ -221,10 +242,15 @@ class Run:
         with timers.time("restore"):
             restored, step0 = checkpoint.restore_latest(mngr, state_dict(abstract))
         if restored is not None:
-            state = type(state)(**restored)
+            state = type(abstract)(**restored)
             log.info("resumed %s at step %d", workdir, step0)
         elif init_from is not None:
-            state = init_from(state)
+            # On the state's own shardings: leaves made outside a jit (an optimizer's fresh
+            # counters) carry none, and a step traced on them compiles again for the
+            # sharded state it returns (PPO's update compiled twice).
+            state = jax.device_put(init_from(initial), shardings)
+        else:
+            state = initial()
         start = int(jax.device_get(state.step))
         self.info.update(total_steps=steps, resumed_from=start if restored is not None else None)
 

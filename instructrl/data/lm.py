@@ -106,6 +106,20 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
     return tokens, mask
 
 
+def bucket_length(n: int, smallest: int = 32) -> int:
+    """``n`` rounded up to a few lengths that grow geometrically: multiples of ``smallest`` up
+    to 4x it, then 1.5x / 2x steps (32, 64, 96, 128, 192, 256, 384, 512, 768, ...), so that
+    inputs of every length compile a handful of shapes and pad at most a third."""
+    size = smallest
+    while size < n:
+        if size < 4 * smallest:
+            size += smallest
+        else:
+            half = 1 << (size.bit_length() - 1)  # the power of two at or below size
+            size = half * 3 // 2 if size == half else 2 * half
+    return size
+
+
 def encode_prompts(tokenizer: Tokenizer, records: Sequence[dict], template: str, length: int):
     """Left-padded (B, length) prompt tokens and mask of records {prompt} in ``template``."""
     ids = [tokenizer.encode(template.format(prompt=r["prompt"])) for r in records]
