@@ -171,7 +171,8 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
         with timers.time("sampling"):
             if m.startswith("base_fewshot"):
                 shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-                b = tk_of[m].sample(params[m], shots, template=template, **sample_kwargs)
+                stop = tk_of[m].stop_ids(FEWSHOT_STOP)  # the answer ends at the separator
+                b = tk_of[m].sample(params[m], shots, template=template, stop=stop, **sample_kwargs)
                 # The answer ends at the separator; it is judged as a response to the prompt.
                 texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
                 b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)

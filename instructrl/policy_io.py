@@ -129,11 +129,19 @@ class Toolkit:
         return [jnp.asarray(a) for a in out]
 
     # ---- sampling ---------------------------------------------------------------------------
-    def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                  stop: tuple[int, ...] = ()):  # fmt: skip
         tok = self.tokenizer  # sampler.bind shares one compilation across temperatures
-        return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+        eos = (tok.eos_id, *stop) if stop else tok.eos_id
+        return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens, eos_id=eos,
                             pad_id=tok.pad_id, temperature=temperature, top_k=top_k,
                             top_p=top_p, rules=self.rules)  # fmt: skip
+
+    def stop_ids(self, text: str) -> tuple[int, ...]:
+        """The token id that ``text`` (a stop sequence) encodes to when it is one token, so
+        that sampling can end a row on it; () otherwise (the caller cuts the text)."""
+        ids = self.tokenizer.encode(text)
+        return tuple(ids) if len(ids) == 1 else ()
 
     def sample(
         self,
@@ -146,10 +154,12 @@ class Toolkit:
         top_p: float = 1.0,
         seed: int = 0,
         template: str = "{prompt}",
+        stop: tuple[int, ...] = (),
     ) -> Batch:
-        """One response per prompt (temperature 0: greedy)."""
+        """One response per prompt (temperature 0: greedy). ``stop``: token ids that end a
+        row besides EOS (``stop_ids``); the text is decoded through them."""
         p_tokens, p_mask = self.encode_prompts(prompts, max_new_tokens, template)
-        fn = self._generate(max_new_tokens, float(temperature), int(top_k), float(top_p))
+        fn = self._generate(max_new_tokens, float(temperature), int(top_k), float(top_p), stop)
         tokens = np.full((len(prompts), max_new_tokens), self.tokenizer.pad_id, np.int32)
         masks = np.zeros((len(prompts), max_new_tokens), np.int32)
         chunks = self._chunks(p_tokens, p_mask, order=self._by_length(p_mask))

@@ -110,6 +110,7 @@ def run(config, workdir: str) -> dict[str, list[dict]]:
                     temperature=float(src["temperature"]),
                     seed=int(r.seed) * 1000 + calls[0] * 16 + s,
                     template=sft_tk.template,
+                    stop=tk.stop_ids(FEWSHOT_STOP) if shots else (),  # the answer ends there
                 )
             for i, text in zip(idx, batch.texts, strict=True):
                 texts[i] = text.split(FEWSHOT_STOP)[0].rstrip() if shots else text

@@ -185,7 +185,7 @@ def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pa
                 rules=()) -> Decoding:  # fmt: skip
     """Feed ``d.token`` at slot P - 1 + i and sample token i (key fold_in(rng, i)); a row that
     is done gets pad, mask 0 and log-prob 0. ``temperature``: a float (0.0: greedy) or a
-    traced scalar."""
+    traced scalar; ``eos_id``: an id or a tuple of ids that end a row (``ends``)."""
     batch, max_new_tokens = d.samples.tokens.shape
     slot = d.kv_mask.shape[1] - max_new_tokens + d.i
     kv_mask = jax.lax.dynamic_update_index_in_dim(
@@ -211,7 +211,17 @@ def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pa
         mask=put(d.samples.mask, (~d.done).astype(jnp.int32)),
     )
     return d.replace(i=d.i + 1, token=new, cache=cache, kv_mask=kv_mask, samples=samples,
-                     done=d.done | (new == eos_id))  # fmt: skip
+                     done=d.done | ends(new, eos_id))  # fmt: skip
+
+
+def ends(tokens: jax.Array, eos_id) -> jax.Array:
+    """Whether each token ends its row: ``eos_id`` is one id or a tuple of ids (EOS and stop
+    tokens, e.g. a few-shot separator); the ending token is kept in the row."""
+    ids = eos_id if isinstance(eos_id, tuple) else (eos_id,)
+    out = tokens == ids[0]
+    for other in ids[1:]:
+        out = out | (tokens == other)
+    return out
 
 
 def generate(

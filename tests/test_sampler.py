@@ -108,6 +108,53 @@ def test_stops_at_eos_and_masks_the_rest():
     assert np.all(np.asarray(out.logprobs[0, 1:]) == 0.0)
 
 
+def test_stop_ids_end_rows_like_eos_and_change_nothing_before():
+    """A tuple of ids ends a row on any of them (a few-shot separator beside EOS): each row is
+    the unstopped row up to and including its first stop id, then padding."""
+    model, params = _model("tiny")
+    tokens, mask = _prompts()
+    kwargs = dict(max_new_tokens=12, pad_id=0, temperature=1.0)
+    free = generate(model, params, tokens, mask, jax.random.key(4), eos_id=60, **kwargs)
+    free_tokens = np.asarray(free.tokens)
+    stop = int(free_tokens[1, 2])  # row 1's third token becomes a stop token
+    out = generate(model, params, tokens, mask, jax.random.key(4), eos_id=(60, stop), **kwargs)
+    for row, ref in zip(np.asarray(out.tokens), free_tokens, strict=True):
+        hits = np.flatnonzero((ref == stop) | (ref == 60))
+        end = hits[0] + 1 if len(hits) else len(ref)
+        np.testing.assert_array_equal(row[:end], ref[:end])
+        assert np.all(row[end:] == 0)
+    assert int(np.asarray(out.mask)[1].sum()) <= 3
+
+
+def test_one_compilation_serves_every_temperature():
+    """The temperature is an argument of the bound sampler's executable, not a constant in it:
+    binding T = 0.7 after T = 1.0 reuses the compiled function, and the draws still follow the
+    tempered softmax (T = 0.7 is peakier than T = 1.0)."""
+    from instructrl import sampler
+
+    model, params = _model("tiny")
+    n = 2000
+    prompt = jnp.tile(jnp.array([[5, 9, 11]]), (n, 1))
+    sampler._jitted_generate.cache_clear()
+    bound = {
+        t: sampler.bind(model, max_new_tokens=1, eos_id=60, pad_id=0, temperature=t)
+        for t in (1.0, 0.7)
+    }
+    draws = {
+        t: fn(params, prompt, jnp.ones_like(prompt), jax.random.key(2)) for t, fn in bound.items()
+    }
+    jitted = sampler._jitted_generate(model, 1, 60, 0, False, 0, 1.0, ())
+    assert jitted._cache_size() == 1  # one trace and compile for both temperatures
+    logits = np.asarray(model.apply({"params": params}, prompt[:1])[0, -1], np.float64)
+    for t, out in draws.items():
+        probs = np.exp(logits / t - np.logaddexp.reduce(logits / t))
+        counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=61) / n
+        assert np.abs(counts - probs).max() < 0.04, (t, np.abs(counts - probs).max())
+        np.testing.assert_allclose(
+            np.asarray(out.logprobs[:, 0]), np.log(probs[np.asarray(out.tokens[:, 0])]), atol=1e-4
+        )
+
+
 def test_sampled_frequencies_match_softmax():
     model, params = _model("tiny")
     n = 4000
