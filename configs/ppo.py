@@ -47,6 +47,9 @@ def get_config(arg=None):
         temperature=1.0,
         top_k=0,
         top_p=1.0,
+        # Score and update over (prompt, response) pairs packed into rows (scoring.pack):
+        # the same numbers over about half the tokens. One process only (else padded).
+        pack=True,
     )
     c.ptx = dict(
         coef=27.8 if args.ptx else 0.0,

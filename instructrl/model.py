@@ -352,6 +352,9 @@ class Transformer(nn.Module):
       head "none": hidden states (B, T, D);  with a cache (``init_cache``): (output, cache).
     ``head_positions=(start, stop)`` (static) applies the head to positions [start, stop) only,
     e.g. a response's: the vocabulary projection of the prompt is never computed.
+    ``head_index`` (int array of any shape) applies it to those positions of the rows
+    flattened to (B * T) instead: the output has head_index's shape (+ V for "lm"), e.g. a
+    packed batch's response positions (``scoring.Packed``).
     With neither attention_mask nor segment_ids the attention is plain causal (the fused
     kernel's fastest path): right padding needs no mask because no real token sees it.
     """
@@ -370,6 +373,7 @@ class Transformer(nn.Module):
         cache=None,
         cache_index=None,
         head_positions: tuple[int, int] | None = None,
+        head_index: jax.Array | None = None,
     ):
         cfg = self.cfg
         _, seq_len = tokens.shape
@@ -436,6 +440,8 @@ class Transformer(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
         if head_positions is not None:  # only these positions' outputs are wanted
             x = x[:, head_positions[0] : head_positions[1]]
+        if head_index is not None:  # these positions of the flattened rows
+            x = x.reshape(-1, x.shape[-1])[head_index]  # (*head_index.shape, D)
         out = self._head(x, embed)
         return out if cache is None else (out, cache)
 

@@ -22,6 +22,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
@@ -84,6 +85,7 @@ class Hparams:
     sampling: scoring.Sampling
     eos_id: int
     pad_id: int
+    pack: bool = False  # score and update on packed (prompt, response) rows (make_step)
 
     @classmethod
     def from_config(cls, config, tokenizer) -> Hparams:
@@ -109,6 +111,7 @@ class Hparams:
             sampling=scoring.Sampling(float(p.temperature), int(p.top_k), float(p.top_p)),
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
+            pack=bool(p.get("pack", False)),
         )
 
     def generate_fn(self, models: scoring.Models):
@@ -120,13 +123,15 @@ class Hparams:
 
 
 def score_phase(models, hp: Hparams, params, value_params, ref_params, rm_params,
-                prompt_tokens, prompt_mask, samples) -> Rollout:  # fmt: skip
-    """Phase 2: policy / reference log-probs, values and RM scores of the samples."""
+                prompt_tokens, prompt_mask, samples, packed=None) -> Rollout:  # fmt: skip
+    """Phase 2: policy / reference log-probs, values and RM scores of the samples (over
+    ``packed`` rows, ``scoring.pack`` of the same pairs, when given)."""
     args = (prompt_tokens, prompt_mask, samples.tokens, samples.mask)
-    logprobs, _ = scoring.response_logprobs(models, params, *args, hp.sampling)
-    ref_logprobs, _ = scoring.response_logprobs(models, ref_params, *args, hp.sampling.reference())
-    values = scoring.response_values(models, value_params, *args)
-    raw = scoring.reward_scores(models, rm_params, *args)
+    reference = hp.sampling.reference()
+    logprobs, _ = scoring.response_logprobs(models, params, *args, hp.sampling, packed=packed)
+    ref_logprobs, _ = scoring.response_logprobs(models, ref_params, *args, reference, packed=packed)
+    values = scoring.response_values(models, value_params, *args, packed=packed)
+    raw = scoring.reward_scores(models, rm_params, *args, packed=packed)
     scores = raw
     if hp.no_eos_penalty is not None:
         ended = scoring.ended_with_eos(samples.tokens, samples.mask, hp.eos_id)
@@ -191,23 +196,57 @@ def minibatch_order(rng, hp: Hparams, batch: int, ptx_rows: int):
     return idx, jnp.concatenate(ptx_orders) if ptx_rows else jnp.zeros((len(idx), 1), int)
 
 
-def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Rollout, ptx, rng):
+def row_counts(pairs: int, multiple: int = 1) -> tuple[int, ...]:
+    """Candidate row counts for packing ``pairs`` (prompt, response) pairs: half of them (a
+    rollout's pairs fill about half of their padded rows) or all, rounded up to ``multiple``
+    (the devices the rows are split over). Two shapes at most, so two compilations."""
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    return tuple(sorted({up(max(pairs // 2, 1)), up(pairs)}))
+
+
+def packed_plan(hp: Hparams, rng, prompt_tokens, prompt_mask, tokens, mask, ptx_rows: int,
+                multiple: int = 1) -> dict:  # fmt: skip
+    """The update's minibatches (``minibatch_order``, the order the unpacked update draws)
+    with each minibatch's pairs packed into rows of P + N tokens, every minibatch with the
+    same row count (the largest any needs). Host arrays in; the plan ``update_phase`` takes."""
+    idx, ptx_idx = jax.device_get(minibatch_order(rng, hp, tokens.shape[0], ptx_rows))
+    row_len = prompt_tokens.shape[1] + tokens.shape[1]
+    arrays = [np.asarray(a) for a in (prompt_tokens, prompt_mask, tokens, mask)]
+    candidates = row_counts(idx.shape[1], multiple)
+    packs = [scoring.pack(*(a[i] for a in arrays), row_len, candidates) for i in idx]
+    rows = max(p.tokens.shape[0] for p in packs)
+    packs = [scoring.pack(*(a[i] for a in arrays), row_len, (rows,)) for i in idx]
+    packed = jax.tree.map(lambda *xs: np.stack(xs), *packs)
+    return {"idx": idx, "ptx_idx": ptx_idx, "packed": packed}
+
+
+def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Rollout, ptx, rng,
+                 plan=None):  # fmt: skip
     """Phase 4: ``epochs`` x ``num_minibatches`` clipped-PPO updates as one ``lax.scan``.
 
     ptx: None or {inputs, targets, loss_mask} (B_ptx, T) pretraining rows, split into the same
     number of minibatches; its NLL times ptx_coef is added to the policy loss (PPO-ptx).
+    plan: None (the minibatches are ``minibatch_order(rng, ...)``), or ``packed_plan``'s
+    {idx, ptx_idx, packed}: the same order with each minibatch's pairs packed (scoring.Packed
+    with a leading minibatch axis).
     """
     ptx_rows = 0 if ptx is None else ptx["inputs"].shape[0]
-    idx, ptx_idx = minibatch_order(rng, hp, rollout.tokens.shape[0], ptx_rows)
+    if plan is None:
+        idx, ptx_idx = minibatch_order(rng, hp, rollout.tokens.shape[0], ptx_rows)
+        packed = None
+    else:
+        idx, ptx_idx, packed = plan["idx"], plan["ptx_idx"], plan["packed"]
     updates_per_iteration = len(idx)
 
     def one_update(state, xs):
-        idx, ptx_idx, j = xs
+        idx, ptx_idx, j, pk = xs
         sub = jax.tree.map(lambda x: x[idx], rollout)
         args = (sub.prompt_tokens, sub.prompt_mask, sub.tokens, sub.mask)
 
         def policy_loss(params):
-            logprobs, logits = scoring.response_logprobs(models, params, *args, hp.sampling)
+            logprobs, logits = scoring.response_logprobs(
+                models, params, *args, hp.sampling, packed=pk
+            )
             loss, metrics = losses.ppo_policy_loss(
                 logprobs, sub.logprobs, sub.advantages, sub.mask, hp.clip_eps
             )
@@ -223,7 +262,7 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
             return loss, metrics
 
         def value_loss(params):
-            values = scoring.response_values(models, params, *args)
+            values = scoring.response_values(models, params, *args, packed=pk)
             loss, metrics = losses.ppo_value_loss(
                 values, sub.values, sub.returns, sub.mask, hp.value_clip_eps
             )
@@ -250,7 +289,7 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
         norms = {"grad_norm": global_norm(grads), "value_grad_norm": global_norm(vgrads)}
         return state, {**pm, **vm, **norms}
 
-    xs = (idx, ptx_idx, jnp.arange(len(idx), dtype=jnp.int32))
+    xs = (idx, ptx_idx, jnp.arange(len(idx), dtype=jnp.int32), packed)
     state, metrics = jax.lax.scan(one_update, state, xs)
     return state, jax.tree.map(jnp.mean, metrics)
 
@@ -315,13 +354,34 @@ def phases(models: scoring.Models, hp: Hparams, tx, value_tx) -> dict[str, Calla
     }
 
 
-def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict):
+def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, mesh=None):
     """The PPO iteration as ``step(state, batch, rng) -> (state, metrics)``: four jitted phases
     (the frozen reference and RM params are their arguments). batch: prompt_tokens,
-    prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``."""
+    prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``.
+
+    With ``hp.pack`` (one process), scoring and the update run over packed (prompt, response)
+    rows built on the host from the samples (``scoring.pack``, ``packed_plan``): the same
+    rollout and the same minibatches, over about half the tokens. ``mesh`` places the packed
+    rows over its batch axes."""
     jitted = phases(models, hp, tx, value_tx)
     gen, score, advantages = jitted["generate"], jitted["score"], jitted["advantages"]
     summarize, update = jitted["summarize"], jitted["update"]
+    devices = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+
+    def place(packed: scoring.Packed, axis: int = 0):
+        """Packed rows split over the mesh's batch axes (indices replicated)."""
+        if mesh is None:
+            return packed
+        rows = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*([None] * axis), sharding.BATCH_AXES)
+        )
+        whole = sharding.replicated(mesh)
+        put = lambda x, s: jax.device_put(x, s)  # noqa: E731
+        return packed.replace(
+            tokens=put(packed.tokens, rows), positions=put(packed.positions, rows),
+            segment_ids=put(packed.segment_ids, rows), index=put(packed.index, whole),
+            last=put(packed.last, whole),
+        )  # fmt: skip
 
     def step(state: PPOState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -330,11 +390,21 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict):
         samples = jax.block_until_ready(gen(state.params, *prompts, jax.random.fold_in(rng, 0)))
         t1 = time.perf_counter()
         params = (state.params, state.value_params, frozen["ref"], frozen["rm"])
-        rollout = advantages(score(*params, *prompts, samples), state.kl_coef)
+        packed = plan = None
+        if hp.pack and jax.process_count() == 1:
+            host = jax.device_get((*prompts, samples.tokens, samples.mask))
+            row_len = host[0].shape[1] + host[2].shape[1]
+            packed = place(scoring.pack(*host, row_len, row_counts(len(host[0]), devices)))
+            ptx_rows = 0 if batch.get("ptx") is None else len(batch["ptx"]["inputs"])
+            plan = packed_plan(hp, jax.random.fold_in(rng, 1), *host, ptx_rows, devices)
+            plan["packed"] = place(plan["packed"], axis=1)
+        rollout = advantages(score(*params, *prompts, samples, packed), state.kl_coef)
         jax.block_until_ready(rollout)
         t2 = time.perf_counter()
         stats = summarize(rollout)
-        state, update_metrics = update(state, rollout, batch.get("ptx"), jax.random.fold_in(rng, 1))
+        state, update_metrics = update(
+            state, rollout, batch.get("ptx"), jax.random.fold_in(rng, 1), plan
+        )
         if hp.target_kl > 0:
             kl_coef = adaptive_kl(state.kl_coef, stats["kl_to_ref"], rollout.tokens.shape[0],
                                   hp.target_kl, hp.kl_horizon)  # fmt: skip
@@ -438,7 +508,7 @@ def run(config, workdir: str) -> PPOState:
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=make_step(models, hp, tx, value_tx, frozen),
+        step_fn=make_step(models, hp, tx, value_tx, frozen, run.mesh),
         batcher=Batcher(),
         steps=iterations,
         init_from=init_from,

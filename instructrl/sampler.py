@@ -81,10 +81,22 @@ def bind(model: Transformer, *, max_new_tokens: int, eos_id: int, pad_id: int,
     top-p are static), so samplers at different temperatures share one compilation."""
     jitted = _jitted_generate(model, max_new_tokens, eos_id, pad_id, temperature == 0.0,
                               top_k, top_p, rules)  # fmt: skip
-    temp = jnp.float32(temperature)
-    return lambda params, prompt_tokens, prompt_mask, rng: jitted(
-        params, prompt_tokens, prompt_mask, rng, temp
-    )
+    return Bound(jitted, jnp.float32(temperature))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A jitted sampler with its temperature: called, or lowered (ahead-of-time compilation),
+    with (params, prompt_tokens, prompt_mask, rng)."""
+
+    jitted: Any
+    temperature: jax.Array
+
+    def __call__(self, params, prompt_tokens, prompt_mask, rng) -> Samples:
+        return self.jitted(params, prompt_tokens, prompt_mask, rng, self.temperature)
+
+    def lower(self, params, prompt_tokens, prompt_mask, rng):
+        return self.jitted.lower(params, prompt_tokens, prompt_mask, rng, self.temperature)
 
 
 @functools.lru_cache(maxsize=64)

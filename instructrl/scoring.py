@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from instructrl import losses
@@ -62,6 +64,90 @@ def apply(model: Transformer, rules, params, tokens, mask, head_positions=None):
         )
 
 
+@flax.struct.dataclass
+class Packed:
+    """B (prompt, response) pairs packed side by side into R rows of L tokens: each pair keeps
+    its own positions from 0 and attends within its own segment only, so every score equals
+    the left-padded layout's while the model runs over about the tokens the pairs really have
+    (a rollout's prompts are left-padded to the longest, its responses right-padded to the
+    longest). Built on the host by ``pack``.
+
+    tokens, positions, segment_ids (R, L) int32 (segment 0: padding); index (B, N) int32: the
+    flat position (row * L + column) of the state before each response token (its logits
+    predict that token; positions past a response's end repeat its last state and are masked
+    by the caller); last (B,) int32: the flat position of each response's last token.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+    last: jax.Array
+
+
+def pack(prompt_tokens, prompt_mask, tokens, mask, row_len: int, rows: tuple[int, ...]) -> Packed:
+    """Pack rows of a left-padded prompt batch (B, P) and its responses (B, N) (host arrays)
+    into the fewest of ``rows`` (candidate row counts, ascending) rows of ``row_len`` tokens
+    that first-fit-decreasing packing fills; the largest candidate must hold one pair per row.
+    Returns a ``Packed`` of NumPy arrays."""
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    batch, n = tokens.shape
+    prompt_len = prompt_mask.sum(1).astype(int)
+    response_len = np.maximum(mask.sum(1).astype(int), 1)
+    lengths = prompt_len + response_len
+    if lengths.max() > row_len:
+        raise ValueError(
+            f"a prompt and response of {lengths.max()} tokens exceed rows of {row_len}"
+        )
+    order = np.argsort(-lengths, kind="stable")
+    placed = None
+    for num_rows in rows:
+        room, where = [row_len] * num_rows, {}
+        for b in order:
+            r = next((r for r in range(num_rows) if room[r] >= lengths[b]), None)
+            if r is None:
+                break
+            where[b] = (r, row_len - room[r])
+            room[r] -= int(lengths[b])
+        if len(where) == batch:
+            placed = (num_rows, where)
+            break
+    if placed is None:
+        raise ValueError(f"{batch} pairs do not fit in {rows[-1]} rows of {row_len} tokens")
+    num_rows, where = placed
+    out = {
+        k: np.zeros((num_rows, row_len), np.int32) for k in ("tokens", "positions", "segment_ids")
+    }
+    index = np.zeros((batch, n), np.int32)
+    last = np.zeros((batch,), np.int32)
+    segment = np.zeros(num_rows, np.int32)
+    for b in range(batch):
+        r, at = where[b]
+        p, m = int(prompt_len[b]), int(response_len[b])
+        seq = np.concatenate([prompt_tokens[b, prompt_tokens.shape[1] - p :], tokens[b, :m]])
+        segment[r] += 1
+        out["tokens"][r, at : at + p + m] = seq
+        out["positions"][r, at : at + p + m] = np.arange(p + m)
+        out["segment_ids"][r, at : at + p + m] = segment[r]
+        before = r * row_len + at + p - 1 + np.minimum(np.arange(n), m - 1)  # state before t
+        index[b] = before
+        last[b] = r * row_len + at + p + m - 1
+    return Packed(out["tokens"], out["positions"], out["segment_ids"], index, last)
+
+
+def apply_packed(model: Transformer, rules, params, packed: Packed, index):
+    """model over the packed rows, its head applied at ``index`` (flat positions)."""
+    with nn.logical_axis_rules(rules):
+        return model.apply(
+            {"params": params},
+            packed.tokens,
+            positions=packed.positions,
+            segment_ids=packed.segment_ids,
+            head_index=index,
+        )
+
+
 def _full(prompt_tokens, prompt_mask, tokens, mask):
     full = jnp.concatenate([prompt_tokens, tokens], axis=1)
     full_mask = jnp.concatenate([prompt_mask, mask], axis=1)
@@ -69,27 +155,47 @@ def _full(prompt_tokens, prompt_mask, tokens, mask):
 
 
 def response_logprobs(
-    models: Models, params, prompt_tokens, prompt_mask, tokens, mask, sampling=Sampling()
+    models: Models,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    tokens,
+    mask,
+    sampling=Sampling(),
+    packed: Packed | None = None,
 ):
     """Teacher-forced log-probs (B, N) of the response tokens and the filtered logits
-    (B, N, V) they come from (-inf where top-k / top-p exclude a token)."""
-    full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
-    p, n = prompt_tokens.shape[1], tokens.shape[1]
-    logits = apply(models.policy, models.rules, params, full, full_mask, (p - 1, p + n - 1))
+    (B, N, V) they come from (-inf where top-k / top-p exclude a token). With ``packed`` (the
+    same pairs from ``pack``) the model runs over the packed rows; the prompt arguments are
+    then unused."""
+    if packed is not None:
+        logits = apply_packed(models.policy, models.rules, params, packed, packed.index)
+    else:
+        full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
+        p, n = prompt_tokens.shape[1], tokens.shape[1]
+        logits = apply(models.policy, models.rules, params, full, full_mask, (p - 1, p + n - 1))
     if not is_identity(sampling.temperature, sampling.top_k, sampling.top_p):
         logits = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     return losses.token_logprobs(logits, tokens), logits
 
 
-def response_values(models: Models, params, prompt_tokens, prompt_mask, tokens, mask):
-    """Scalar-head outputs (B, N) at the state before each response token."""
+def response_values(models: Models, params, prompt_tokens, prompt_mask, tokens, mask,
+                    packed: Packed | None = None):  # fmt: skip
+    """Scalar-head outputs (B, N) at the state before each response token (``packed``: as in
+    ``response_logprobs``)."""
+    if packed is not None:
+        return apply_packed(models.scalar, models.rules, params, packed, packed.index)
     full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
     p, n = prompt_tokens.shape[1], tokens.shape[1]
     return apply(models.scalar, models.rules, params, full, full_mask, (p - 1, p + n - 1))
 
 
-def reward_scores(models: Models, rm_params, prompt_tokens, prompt_mask, tokens, mask):
-    """RM score (B,) read at each response's last token (its EOS when it has one)."""
+def reward_scores(models: Models, rm_params, prompt_tokens, prompt_mask, tokens, mask,
+                  packed: Packed | None = None):  # fmt: skip
+    """RM score (B,) read at each response's last token (its EOS when it has one);
+    ``packed``: as in ``response_logprobs``."""
+    if packed is not None:
+        return apply_packed(models.scalar, models.rules, rm_params, packed, packed.last)
     full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
     values = apply(models.scalar, models.rules, rm_params, full, full_mask)  # (B, P + N)
     last = prompt_tokens.shape[1] + losses.last_index(mask)
