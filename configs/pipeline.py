@@ -40,8 +40,8 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, model="small", seed=0, runlocal=False)
     c = ml_collections.ConfigDict()
     c.stages = list(STAGES)
-    # Run PPO and PPO-ptx at once, one process each, the cores split between them (a small
-    # model's step leaves a core idle much of the time; instructrl.pipeline.run).
+    # Run PPO and PPO-ptx at once, one process each, sharing the cores (a small model's step
+    # leaves a core idle much of the time; instructrl.pipeline.run).
     c.parallel = True
     c.seed = int(args.seed)
     c.model = dict(preset=str(args.model), max_len=384)

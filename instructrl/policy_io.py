@@ -112,21 +112,16 @@ class Toolkit:
             yield rows, [a[full] for a in arrays]
 
     def _by_length(self, prompt_mask) -> np.ndarray:
-        """Rows ordered by real prompt length, so that each chunk is padded to its own longest
-        prompt (``_trim``), not the batch's."""
+        """Rows ordered by real prompt length, so that each chunk of prompts is padded to its own
+        longest (``_trim``), not the batch's."""
         return np.argsort(np.asarray(prompt_mask).sum(1), kind="stable")
 
     @staticmethod
-    def _trim(prompt_tokens, prompt_mask, tokens=None, mask=None):
-        """A chunk's arrays without the padding every row has: left prompt padding and right
-        response padding, each kept to a ``bucket_length`` (few shapes compile)."""
-        keep = lambda n, full: min(full, bucket_length(int(n)))  # noqa: E731
-        p = keep(np.asarray(prompt_mask).sum(1).max(), prompt_tokens.shape[1])
-        out = [prompt_tokens[:, -p:], prompt_mask[:, -p:]]
-        if tokens is not None:
-            n = keep(np.asarray(mask).sum(1).max(), tokens.shape[1])
-            out += [tokens[:, :n], mask[:, :n]]
-        return [jnp.asarray(a) for a in out]
+    def _trim(prompt_tokens, prompt_mask):
+        """A chunk's prompts without the left padding every row has, kept to a
+        ``bucket_length`` (few shapes compile)."""
+        p = min(prompt_tokens.shape[1], bucket_length(int(np.asarray(prompt_mask).sum(1).max())))
+        return jnp.asarray(prompt_tokens[:, -p:]), jnp.asarray(prompt_mask[:, -p:])
 
     # ---- sampling ---------------------------------------------------------------------------
     def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -174,29 +169,38 @@ class Toolkit:
     # ---- scoring ----------------------------------------------------------------------------
     @functools.lru_cache(maxsize=8)  # noqa: B019  (one compiled function per distribution)
     def _logprobs(self, sampling: scoring.Sampling):
-        def fn(params, pt, pm, t, m):
-            return scoring.response_logprobs(self.models, params, pt, pm, t, m, sampling)[0] * m
+        def fn(params, packed, t, m):
+            lp, _ = scoring.response_logprobs(
+                self.models, params, None, None, t, m, sampling, packed=packed
+            )
+            return lp * m
 
         return jax.jit(fn)
 
     @functools.cached_property
     def _scores(self):
-        return jax.jit(functools.partial(scoring.reward_scores, self.models))
+        def fn(params, packed, t, m):
+            return scoring.reward_scores(self.models, params, None, None, t, m, packed=packed)
+
+        return jax.jit(fn)
 
     def _map(self, fn, params, batch: Batch) -> np.ndarray:
-        """fn(params, prompt_tokens, prompt_mask, tokens, mask) over trimmed chunks of the
-        batch, outputs back in the batch's row order: (B,) or (B, N), zero where trimmed."""
+        """fn(params, packed, tokens, mask) over chunks of ``batch_size`` (prompt, response)
+        pairs, each chunk packed into rows of the batch's P + N tokens (``scoring.pack``: a
+        quarter, half or all of ``batch_size`` rows, so three shapes at most compile), outputs
+        back in the batch's row order: (B,) or (B, N)."""
         arrays = (batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask)
+        row_len = batch.prompt_tokens.shape[1] + batch.tokens.shape[1]
+        n = jax.device_count()
+        rows = tuple(sorted({max(n, -(-self.batch_size // d // n) * n) for d in (4, 2, 1)}))
+        total = np.asarray(batch.prompt_mask).sum(1) + np.asarray(batch.mask).sum(1)
         out = None
-        for rows, chunk in self._chunks(*arrays, order=self._by_length(batch.prompt_mask)):
-            values = np.asarray(fn(params, *self._trim(*chunk)))[: len(rows)]
+        for idx, (pt, pm, t, m) in self._chunks(*arrays, order=np.argsort(-total, kind="stable")):
+            packed = scoring.pack(pt, pm, t, m, row_len, rows)
+            values = np.asarray(fn(params, packed, jnp.asarray(t), jnp.asarray(m)))[: len(idx)]
             if out is None:
-                shape = (len(batch.tokens), *batch.tokens.shape[1:][: values.ndim - 1])
-                out = np.zeros(shape, values.dtype)
-            if values.ndim == 1:
-                out[rows] = values
-            else:
-                out[rows, : values.shape[1]] = values
+                out = np.zeros((len(batch.tokens), *values.shape[1:]), values.dtype)
+            out[idx] = values
         return out
 
     def logprobs(self, params, batch: Batch, sampling=scoring.Sampling()) -> np.ndarray:
