@@ -5,6 +5,9 @@ Left-padded prompts (B, P) of mixed length are prefilled in one pass into cache 
 slot P - 1 + i with position id (real prompt length - 1 + i), so each row is computed exactly
 as if it had no padding. The prefill's own logits are never used, so XLA drops its (B, P, V)
 vocabulary projection. Rows stop at EOS and the loop exits once every row has stopped.
+Row r's token i is drawn with the key fold_in(fold_in(rng, i), r), so a row's sample is the
+same whatever else is in its batch. Once few rows are still running, the loop goes on over
+those rows alone (``generate``'s ``compact``).
 Sampling applies temperature, top-k and top-p (``filter_logits``; ``scoring`` teacher-forces
 log-probs under the same filtered distribution). Under a mesh, the
 batch is split over (data, fsdp) and heads over tensor through the model's logical axis names.
@@ -56,13 +59,15 @@ def filter_logits(logits: jax.Array, temperature, top_k: int, top_p: float) -> j
     return logits
 
 
-def inverse_cdf_sample(key, logits: jax.Array) -> jax.Array:
+def inverse_cdf_sample(keys, logits: jax.Array) -> jax.Array:
     """One token per row of ``logits`` (B, V), drawn from softmax(logits) by inverting its
-    cumulative distribution with one uniform number per row. The same law as
-    ``jax.random.categorical``, which draws a Gumbel number per vocabulary entry (B x V of them,
-    most of a small model's decode step on a CPU). Excluded tokens (-inf) are never drawn."""
+    cumulative distribution with one uniform number per row, from that row's key (``keys``
+    (B,)). The same law as ``jax.random.categorical``, which draws a Gumbel number per
+    vocabulary entry (B x V of them, most of a small model's decode step on a CPU). Excluded
+    tokens (-inf) are never drawn."""
     cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # (B, V)
-    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, (), minval=1e-7))(keys)  # (B,)
+    u = uniform[:, None] * cdf[:, -1:]
     return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
 
 
@@ -131,6 +136,7 @@ class Decoding:
     first_position: jax.Array  # (B,) position id of the last real prompt token
     samples: Samples  # (B, N) outputs so far
     done: jax.Array  # (B,) bool, the row has sampled EOS
+    row: jax.Array  # (B,) int32, the row's index in the caller's batch (its random stream)
 
 
 def decoding_model(model: Transformer, params, unroll_layers: bool = True):
@@ -189,6 +195,7 @@ def prefill(model: Transformer, params, prompt_tokens, prompt_mask, *, max_new_t
         first_position=positions[:, -1],
         samples=samples,
         done=jnp.zeros((batch,), bool),
+        row=jnp.arange(batch, dtype=jnp.int32),
     )
 
 
@@ -210,7 +217,9 @@ def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pa
         filtered, new = logits, jnp.argmax(logits, axis=-1)
     else:
         filtered = filter_logits(logits, temperature, top_k, top_p)
-        new = inverse_cdf_sample(jax.random.fold_in(rng, d.i), filtered)
+        step_key = jax.random.fold_in(rng, d.i)
+        keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(d.row)  # per row: (B,)
+        new = inverse_cdf_sample(keys, filtered)
     logp = jnp.take_along_axis(jax.nn.log_softmax(filtered), new[:, None], axis=-1)[:, 0]
     new = jnp.where(d.done, pad_id, new.astype(jnp.int32))
 
@@ -251,15 +260,19 @@ def generate(
     top_p: float = 1.0,
     rules=(),
     unroll_layers: bool = True,
+    compact: bool = True,
 ) -> Samples:
     """Sample up to ``max_new_tokens`` per row. Jit-compatible (all options static).
 
     model: a ``Transformer`` with the LM head; params: its params (scanned or not);
-    prompt_tokens, prompt_mask: (B, P) left-padded; rng: a key (token i uses fold_in(rng, i)).
+    prompt_tokens, prompt_mask: (B, P) left-padded; rng: a key (the module docstring).
     temperature: a float (0.0: greedy decoding) or a traced scalar. ``unroll_layers=False``
     keeps a scanned model's layer scan (faster compiles for very deep models, one cache copy
     per step).
-    ``prefill`` then ``decode_step`` in a ``lax.while_loop`` until every row is done.
+    ``prefill`` then ``decode_step`` in a ``lax.while_loop`` until every row is done; with
+    ``compact``, once a quarter of the rows or fewer are running, the loop goes on over those
+    rows alone. Each row draws from its own stream (fold_in(fold_in(rng, i), row)), so a
+    row's sample does not depend on the other rows of the batch or on the compaction.
     Returns Samples(tokens, logprobs, mask), each (B, max_new_tokens).
     """
     model, params = decoding_model(model, params, unroll_layers)
@@ -267,10 +280,37 @@ def generate(
                 pad_id=pad_id, rules=rules)  # fmt: skip
     options = dict(eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k,
                    top_p=top_p, rules=rules)  # fmt: skip
+    body = lambda d: decode_step(model, params, d, rng, **options)  # noqa: E731
+    batch = prompt_tokens.shape[0]
+    few = batch // COMPACT_FRACTION if compact else 0
+    if few < 2:
+        return jax.lax.while_loop(
+            lambda d: (d.i < max_new_tokens) & ~jnp.all(d.done), body, d
+        ).samples
+    # Decode the whole batch while more than `few` rows are running, then only the rows
+    # still running (a few long answers would otherwise keep every row stepping).
+    d = jax.lax.while_loop(lambda d: (d.i < max_new_tokens) & ((~d.done).sum() > few), body, d)
+    rows = jnp.argsort(d.done, stable=True)[:few]  # the running rows first
+    part = jax.lax.while_loop(
+        lambda d: (d.i < max_new_tokens) & ~jnp.all(d.done), body, _take(model, d, rows)
+    )
+    return jax.tree.map(lambda whole, some: whole.at[rows].set(some), d.samples, part.samples)
 
-    def cond(d: Decoding):
-        return (d.i < max_new_tokens) & ~jnp.all(d.done)
 
-    return jax.lax.while_loop(
-        cond, lambda d: decode_step(model, params, d, rng, **options), d
-    ).samples
+# generate decodes only the running rows once at most batch / COMPACT_FRACTION remain.
+COMPACT_FRACTION = 4
+
+
+def _take(model: Transformer, d: Decoding, rows) -> Decoding:
+    """The decode state of ``rows`` only (the cache's batch axis is 1 under a layer scan)."""
+    axis = 1 if model.cfg.scan_layers else 0
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    return d.replace(
+        token=take(d.token),
+        cache=jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), d.cache),
+        kv_mask=take(d.kv_mask),
+        first_position=take(d.first_position),
+        samples=jax.tree.map(take, d.samples),
+        done=take(d.done),
+        row=take(d.row),
+    )

@@ -126,6 +126,33 @@ def test_stop_ids_end_rows_like_eos_and_change_nothing_before():
     assert int(np.asarray(out.mask)[1].sum()) <= 3
 
 
+def test_rows_draw_their_own_streams_and_compaction_changes_nothing():
+    """Row r's token i comes from fold_in(fold_in(rng, i), r): decoding only the rows still
+    running once few are left (``compact``) gives the very samples of decoding every row to
+    the end, and a row's sample does not change when the other rows' prompts do."""
+    model, params = _model("tiny")
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(1, 60, size=rng.integers(2, 7))) for _ in range(12)]
+    tokens, mask = left_pad(seqs, pad_id=0)
+    # EOS is a token the random model draws often, so rows end at many different steps.
+    probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens)[:, -1]))
+    eos = int(np.argsort(probs.mean(0))[-3])
+    kwargs = dict(max_new_tokens=24, eos_id=eos, pad_id=0, temperature=1.0)
+    key = jax.random.key(11)
+    compact = generate(model, params, tokens, mask, key, **kwargs)
+    full = generate(model, params, tokens, mask, key, compact=False, **kwargs)
+    lengths = np.asarray(full.mask).sum(1)
+    # The last steps ran over the 3 rows (12 // 4) still going: the compact path ran.
+    assert np.sort(lengths)[-4] < lengths.max() and lengths.min() < lengths.max() / 2, lengths
+    np.testing.assert_array_equal(np.asarray(compact.tokens), np.asarray(full.tokens))
+    np.testing.assert_array_equal(np.asarray(compact.mask), np.asarray(full.mask))
+    np.testing.assert_allclose(np.asarray(compact.logprobs), np.asarray(full.logprobs), atol=1e-6)
+    others = [seqs[0]] + [list(rng.integers(1, 60, size=5)) for _ in range(11)]
+    tokens2, mask2 = left_pad(others, pad_id=0, length=tokens.shape[1])
+    again = generate(model, params, tokens2, mask2, key, **kwargs)
+    np.testing.assert_array_equal(np.asarray(again.tokens)[0], np.asarray(full.tokens)[0])
+
+
 def test_one_compilation_serves_every_temperature():
     """The temperature is an argument of the bound sampler's executable, not a constant in it:
     binding T = 0.7 after T = 1.0 reuses the compiled function, and the draws still follow the
