@@ -355,6 +355,10 @@ class Transformer(nn.Module):
     ``head_index`` (int array of any shape) applies it to those positions of the rows
     flattened to (B * T) instead: the output has head_index's shape (+ V for "lm"), e.g. a
     packed batch's response positions (``scoring.Packed``).
+    ``branch_ids`` (B, T) int, with segment_ids: 0 on a segment's shared prefix (a prompt),
+    k > 0 on one of its continuations (a response); a token attends to its segment's prefix
+    and its own continuation only, so several responses share one copy of their prompt and
+    each is computed exactly as if alone after it (its positions continue the prompt's).
     With neither attention_mask nor segment_ids the attention is plain causal (the fused
     kernel's fastest path): right padding needs no mask because no real token sees it.
     """
@@ -374,6 +378,7 @@ class Transformer(nn.Module):
         cache_index=None,
         head_positions: tuple[int, int] | None = None,
         head_index: jax.Array | None = None,
+        branch_ids=None,
     ):
         cfg = self.cfg
         _, seq_len = tokens.shape
@@ -396,6 +401,9 @@ class Transformer(nn.Module):
                 mask = mask & attention_mask.astype(bool)[:, None, None, :]
             if segment_ids is not None:
                 mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            if branch_ids is not None:  # the shared prefix, or the query's own branch
+                key_branch = branch_ids[:, None, None, :]
+                mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, None, :, None]))
 
         embed = nn.Embed(
             cfg.vocab_size,

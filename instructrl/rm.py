@@ -54,8 +54,10 @@ def encode_rankings(
 
     rankings: [{prompt, responses[K], ranks[K], labeler_id?}], K from 2 to ``max_responses``.
     arrays: tokens (N, K, T) int32 right-padded prompt + response + EOS; last (N, K) index of
-    the last real token; ranks (N, K) int32; mask (N, K) bool; group (N,) int32 (0 training
-    labelers, 1 held-out labelers, from ``heldout_labelers``).
+    the last real token; prompt (N, K) int32, the prompt's tokens in each row (responses with
+    the same prompt tokens share one copy of them in ``PackedRankingBatcher``); ranks (N, K)
+    int32; mask (N, K) bool; group (N,) int32 (0 training labelers, 1 held-out labelers,
+    from ``heldout_labelers``).
     A response that cannot fit beside one prompt token raises (or is dropped and the prompt
     skipped when it leaves fewer than 2 responses, with ``skip_too_long``).
     """
@@ -84,7 +86,7 @@ def encode_rankings(
                         f"does not fit in seq_len={seq_len} (set data.skip_too_long=True)"
                     )
                 continue
-            encoded.append(e[0])
+            encoded.append((e[0], len(e[1]) - sum(e[1])))  # ids, prompt tokens
             kept_ranks.append(int(rank))
         if len(encoded) < 2:
             skipped += 1
@@ -96,17 +98,20 @@ def encode_rankings(
         raise lm_data.DataError(f"{source}: no usable rankings")
     tokens = np.full((n, max_responses, seq_len), tokenizer.pad_id, np.int32)
     last = np.zeros((n, max_responses), np.int32)
+    prompt = np.zeros((n, max_responses), np.int32)
     ranks_arr = np.zeros((n, max_responses), np.int32)
     mask = np.zeros((n, max_responses), bool)
     group = np.zeros((n,), np.int32)
     for i, (encoded, rks, g) in enumerate(rows):
-        for k, (ids, rank) in enumerate(zip(encoded, rks, strict=True)):
+        for k, ((ids, prompt_len), rank) in enumerate(zip(encoded, rks, strict=True)):
             tokens[i, k, : len(ids)] = ids
             last[i, k] = len(ids) - 1
+            prompt[i, k] = prompt_len
             ranks_arr[i, k] = rank
             mask[i, k] = True
         group[i] = g
-    arrays = {"tokens": tokens, "last": last, "ranks": ranks_arr, "mask": mask, "group": group}
+    arrays = {"tokens": tokens, "last": last, "prompt": prompt, "ranks": ranks_arr,
+              "mask": mask, "group": group}  # fmt: skip
     return arrays, skipped
 
 
@@ -119,8 +124,9 @@ def expand_pairs(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             for b in range(len(m)):
                 if m[a] and m[b] and r[a] < r[b]:
                     sel = [a, b]
-                    out["tokens"].append(arrays["tokens"][i, sel])
-                    out["last"].append(arrays["last"][i, sel])
+                    for key in ("tokens", "last", "prompt"):
+                        if key in arrays:
+                            out[key].append(arrays[key][i, sel])
                     out["ranks"].append(np.array([0, 1], np.int32))
                     out["mask"].append(np.array([True, True]))
                     out["group"].append(arrays["group"][i])
@@ -152,39 +158,69 @@ class RankingBatcher(lm_data.EpochBatcher):
 
 
 class PackedRankingBatcher(lm_data.EpochBatcher):
-    """Epoch batches of rankings whose responses are packed side by side into rows: each
-    (prompt + response) sequence keeps its own positions from 0 and attends within its own
-    segment only (block-diagonal causal attention), so the rewards equal the padded layout's
-    while the step computes about the tokens the batch really has (the default pipeline's
-    sequences average 60 of 160 slots). Rows are filled first-fit by decreasing length and
-    their count is rounded up to a multiple of ``rows_multiple``, so few shapes compile.
+    """Epoch batches of rankings packed into rows: each ranking's responses follow one copy of
+    their prompt (``share_prompt``; branch ids 0 on the prompt, k on response k), so a prompt
+    is computed once for its K responses instead of K times, and each response attends to
+    its prompt and itself only, its positions continuing the prompt's: every reward equals
+    the padded layout's (prompt + response alone) while the step computes about the tokens
+    the batch really has (the default pipeline's 6.5 responses of ~30 tokens per ~36-token
+    prompt: 46% fewer tokens than one prompt copy per response, which itself is 11% of the
+    padded 160 slots). A ranking whose prompt and responses do not fit one row of
+    ``row_len`` tokens continues in another row behind another copy of its prompt. Pieces
+    are placed first-fit by decreasing length and the row count is rounded up to a multiple
+    of ``rows_multiple``, so few shapes compile.
 
-    batch(step): tokens, positions, segment_ids (R, T); index (B, K) of each response's last
-    token in the flattened (R * T) rows of the global batch; ranks, mask (B, K). Each host
-    packs its own rankings; R is the largest host's, so every host's arrays have one shape.
+    batch(step): tokens, positions, segment_ids, branch_ids (R, row_len); index (B, K) of
+    each response's last token in the flattened (R * row_len) rows of the global batch;
+    ranks, mask (B, K). Each host packs its own rankings; R is the largest host's, so every
+    host's arrays have one shape.
     """
 
-    def __init__(self, arrays, batch_size, seed, host_rows=None, rows_multiple: int = 8):
+    def __init__(self, arrays, batch_size, seed, host_rows=None, rows_multiple: int = 8,
+                 row_len: int | None = None, share_prompt: bool = True):  # fmt: skip
         super().__init__(arrays, batch_size, seed, host_rows)
         self.rows_multiple = rows_multiple
-        self.seq_len = arrays["tokens"].shape[-1]
+        self.row_len = max(int(row_len or 0), arrays["tokens"].shape[-1])
+        self.share_prompt = share_prompt and "prompt" in arrays
 
-    def _pack(self, rows: np.ndarray) -> list[list[tuple[int, int]]]:
-        """[[(ranking row, response slot), ...] per packed row], first fit by decreasing length."""
-        lengths = self.arrays["last"][rows] + 1
-        items = [
-            (i, k) for i in range(len(rows)) for k in np.flatnonzero(self.arrays["mask"][rows[i]])
-        ]
-        items.sort(key=lambda ik: (-int(lengths[ik]), ik))
+    def _pieces(self, rows: np.ndarray) -> list[tuple[int, int, list[int], int]]:
+        """(ranking row, prompt tokens, its responses, tokens) of every piece: one copy of a
+        prompt and the responses that follow it (responses share a prompt when their prompt
+        tokens are equal; without ``share_prompt`` every response is its own piece)."""
+        tokens, last, mask = self.arrays["tokens"], self.arrays["last"], self.arrays["mask"]
+        pieces = []
+        for i, row in enumerate(rows):
+            groups: dict[tuple, list[int]] = {}
+            for k in np.flatnonzero(mask[row]):
+                if self.share_prompt:
+                    p = int(self.arrays["prompt"][row, k])
+                    groups.setdefault(tuple(tokens[row, k, :p]), []).append(int(k))
+                else:  # each response its own piece, its prompt in it
+                    groups[(int(k),)] = [int(k)]
+            for prefix, members in groups.items():
+                p = len(prefix) if self.share_prompt else 0
+                current, length = [], p
+                for k in members:
+                    n = int(last[row, k]) + 1 - p  # the response's own tokens
+                    if current and length + n > self.row_len:
+                        pieces.append((i, p, current, length))
+                        current, length = [], p
+                    current.append(k)
+                    length += n
+                pieces.append((i, p, current, length))
+        return pieces
+
+    def _pack(self, rows: np.ndarray) -> list[list[tuple[int, int, list[int], int]]]:
+        """The pieces of each packed row, first fit by decreasing length."""
+        pieces = sorted(self._pieces(rows), key=lambda piece: (-piece[3], piece[0], piece[2]))
         packed, room = [], []
-        for i, k in items:
-            n = int(lengths[i, k])
-            slot = next((r for r, free in enumerate(room) if free >= n), None)
+        for piece in pieces:
+            slot = next((r for r, free in enumerate(room) if free >= piece[3]), None)
             if slot is None:
-                packed.append([]), room.append(self.seq_len)
+                packed.append([]), room.append(self.row_len)
                 slot = len(packed) - 1
-            packed[slot].append((i, k))
-            room[slot] -= n
+            packed[slot].append(piece)
+            room[slot] -= piece[3]
         return packed
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -195,21 +231,27 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
         m = self.rows_multiple
         num_rows = -(-max(len(p) for p in packings) // m) * m
         host = self.host_rows.start // per_host
-        rows, packed, t = hosts[host], packings[host], self.seq_len
-        out = {
-            key: np.zeros((num_rows, t), np.int32) for key in ("tokens", "positions", "segment_ids")
-        }
-        k_max = self.arrays["mask"].shape[1]
-        index = np.zeros((len(rows), k_max), np.int32)
-        for r, members in enumerate(packed):
+        rows, packed, t = hosts[host], packings[host], self.row_len
+        keys = ("tokens", "positions", "segment_ids", "branch_ids")
+        out = {key: np.zeros((num_rows, t), np.int32) for key in keys}
+        tokens, last = self.arrays["tokens"], self.arrays["last"]
+        index = np.zeros((len(rows), tokens.shape[1]), np.int32)
+        for r, pieces in enumerate(packed):
             at = 0
-            for segment, (i, k) in enumerate(members, start=1):
-                n = int(self.arrays["last"][rows[i], k]) + 1
-                out["tokens"][r, at : at + n] = self.arrays["tokens"][rows[i], k, :n]
-                out["positions"][r, at : at + n] = np.arange(n)
-                out["segment_ids"][r, at : at + n] = segment
-                index[i, k] = (host * num_rows + r) * t + at + n - 1  # flat, global rows
-                at += n
+            for segment, (i, p, members, length) in enumerate(pieces, start=1):
+                out["tokens"][r, at : at + p] = tokens[rows[i], members[0], :p]
+                out["positions"][r, at : at + p] = np.arange(p)
+                out["segment_ids"][r, at : at + length] = segment
+                at_response = at + p
+                for branch, k in enumerate(members, start=1):
+                    n = int(last[rows[i], k]) + 1 - p
+                    span = slice(at_response, at_response + n)
+                    out["tokens"][r, span] = tokens[rows[i], k, p : p + n]
+                    out["positions"][r, span] = np.arange(p, p + n)
+                    out["branch_ids"][r, span] = branch
+                    index[i, k] = (host * num_rows + r) * t + at_response + n - 1  # flat, global
+                    at_response += n
+                at += length
         out.update(index=index, ranks=self.arrays["ranks"][rows], mask=self.arrays["mask"][rows])
         return out
 
@@ -225,6 +267,7 @@ def batch_rewards(model: Transformer, params, batch, rules, **kwargs) -> jax.Arr
             batch["tokens"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
+            branch_ids=batch.get("branch_ids"),
             **kwargs,
         )  # (R, T)
     return values.reshape(-1)[batch["index"]]
@@ -378,8 +421,10 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     if config.rm.get("pack", False):
         multiple = max(jax.local_device_count(), 8)
         batcher = PackedRankingBatcher(
-            train_arrays, batch_size, int(config.seed), host_rows, multiple
-        )
+            train_arrays, batch_size, int(config.seed), host_rows, multiple,
+            row_len=int(config.rm.get("row_len", 0)),
+            share_prompt=bool(config.rm.get("share_prompt", True)),
+        )  # fmt: skip
     else:
         bucketed = config.rm.get("bucket_by_k", False)
         batcher_cls = RankingBatcher if bucketed else lm_data.EpochBatcher

@@ -54,23 +54,32 @@ def test_packed_batches_give_the_padded_rewards():
                          "ranks": list(range(k))})  # fmt: skip
     arrays, _ = rm.encode_rankings(tok, rankings, 48, "{prompt}|", 5)
     arrays.pop("group")
-    batcher = rm.PackedRankingBatcher(arrays, 12, seed=0, rows_multiple=8)
-    batch = batcher.batch(0)
-    rows = batcher.global_rows(0)
-    assert batch["tokens"].shape[0] % 8 == 0 and batch["tokens"].shape[0] < 12 * 5
-    assert int((batch["segment_ids"] > 0).sum()) == int(
-        (arrays["last"][rows] + 1)[arrays["mask"][rows]].sum()
-    )
-    for llama in (False, True):
-        cfg = preset("llama-tiny" if llama else "tiny", vocab_size=384)
-        model = Transformer(cfg, head="scalar")
-        params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-        rules = sharding.LOGICAL_RULES
-        packed = np.asarray(rm.batch_rewards(model, params, batch, rules))
-        padded = {"tokens": arrays["tokens"][rows], "last": arrays["last"][rows]}
-        want = np.asarray(rm.batch_rewards(model, params, padded, rules))
-        mask = arrays["mask"][rows]
-        np.testing.assert_allclose(packed[mask], want[mask], atol=1e-5)
+    rows = rm.PackedRankingBatcher(arrays, 12, seed=0).global_rows(0)
+    mask = arrays["mask"][rows]
+    responses = int(mask.sum())
+    for share in (False, True):
+        batcher = rm.PackedRankingBatcher(arrays, 12, seed=0, rows_multiple=8, share_prompt=share)
+        batch = batcher.batch(0)
+        assert batch["tokens"].shape[0] % 8 == 0 and batch["tokens"].shape[0] < 12 * 5
+        # Each response once, each prompt once per piece: per response, or per ranking and row.
+        pieces = batcher._pieces(rows)
+        assert (len(pieces) < responses) == share, (len(pieces), responses)
+        length = lambda i, k, p: int(arrays["last"][rows[i], k]) + 1 - p  # noqa: E731
+        tokens = sum(p + sum(length(i, k, p) for k in ks) for i, p, ks, _ in pieces)
+        assert int((batch["segment_ids"] > 0).sum()) == tokens
+        assert tokens == int((arrays["last"][rows] + 1)[mask].sum()) - share * sum(
+            int(arrays["prompt"][rows[i], ks[0]]) * (len(ks) - 1) for i, _, ks, _ in pieces
+        )
+        for llama in (False, True):
+            cfg = preset("llama-tiny" if llama else "tiny", vocab_size=384)
+            model = Transformer(cfg, head="scalar")
+            init = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+            params = nn.unbox(init["params"])
+            rules = sharding.LOGICAL_RULES
+            packed = np.asarray(rm.batch_rewards(model, params, batch, rules))
+            padded = {"tokens": arrays["tokens"][rows], "last": arrays["last"][rows]}
+            want = np.asarray(rm.batch_rewards(model, params, padded, rules))
+            np.testing.assert_allclose(packed[mask], want[mask], atol=1e-5)
 
 
 def _world_rankings(world, n, labelers, seed):
