@@ -119,6 +119,8 @@ def run(config, workdir: str):
             int(config.seed),
             packing=bool(config.data.get("packing", False)),
             length_buckets=list(config.data.get("length_buckets", [])),
+            pack_batches=bool(config.data.get("pack_batches", False)),
+            rows_multiple=jax.local_device_count(),
             pad_id=run.tokenizer.pad_id,
         )
     )

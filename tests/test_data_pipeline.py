@@ -236,6 +236,50 @@ def test_packed_rows_never_attend_across_segments(family):
     assert not np.allclose(leaky[0, first:], packed[0, first:], atol=1e-3)
 
 
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_packed_batches_hold_the_unpacked_batches_and_give_their_loss(hosts):
+    """``pack_batches``: batch s holds exactly the examples of unpacked batch s, in fewer rows
+    (every host the same count), and the LM step's loss and gradients are the same."""
+    import functools
+
+    import optax
+
+    from instructrl import sharding
+    from instructrl.model import Transformer
+    from instructrl.presets import preset
+    from instructrl.sft import lm_step
+    from instructrl.train import TrainState
+
+    examples = _examples(np.random.default_rng(4).integers(3, 12, 48), seed=4)
+    kw = dict(batch_size=8, seq_len=32)
+    plain = _pipe(examples, **kw)
+    packed = [_pipe(examples, pack_batches=True, process=(p, hosts), **kw) for p in range(hosts)]
+    cfg = preset("tiny", vocab_size=256, dropout=0.0)
+    model = Transformer(cfg, head="lm")
+    tx = optax.sgd(0.1)
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    step = jax.jit(functools.partial(lm_step, model, tx, sharding.LOGICAL_RULES))
+    fewer = 0
+    for s in range(int(plain.steps_per_epoch)):
+        parts = [p.batch(s) for p in packed]
+        assert len({len(b["inputs"]) for b in parts}) == 1  # one row count on every host
+        batch = jax.tree.map(lambda *x: np.concatenate(x), *parts)
+        want = plain.batch(s)
+        fewer += len(batch["inputs"]) < len(want["inputs"])
+        got_targets = np.sort(batch["targets"][batch["loss_mask"] > 0])
+        np.testing.assert_array_equal(got_targets, np.sort(want["targets"][want["loss_mask"] > 0]))
+        results = []
+        for b in (want, batch):
+            state = TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
+            new, metrics = step(state, b, jax.random.key(1))
+            results.append((metrics["loss"], new.params))
+        np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *[r[1] for r in results]
+        )
+    assert fewer == int(plain.steps_per_epoch)  # every batch took fewer rows
+
+
 def test_length_buckets_pad_to_the_smallest_that_fits():
     examples = _examples([3, 3, 3, 3, 11, 3, 3, 3])
     pipe = _pipe(examples, batch_size=4, seq_len=32, length_buckets=(8, 16))

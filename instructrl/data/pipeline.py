@@ -148,6 +148,10 @@ class LMPipeline:
       seq_len: the row length T (packing capacity and the largest length bucket).
       seed: shuffling seed; epoch e uses Grain's (seed + e) permutation of the rows.
       packing: pack several examples per row, with segment_ids and positions.
+      pack_batches: each batch holds the B examples it would hold unpacked, packed into as
+        few rows of T as first fit gives, the row count rounded up to B / 4, B / 2 or B (and
+        to a multiple of ``rows_multiple``, a host's devices; three shapes compile): the same
+        examples, the same per-token loss, about the tokens they really have.
       length_buckets: pad unpacked batches to the smallest bucket that holds their longest
         row (few shapes, few compilations); empty: always T.
       pad_id: the tokenizer's padding id.
@@ -163,6 +167,8 @@ class LMPipeline:
         seed: int,
         packing: bool = False,
         length_buckets: Sequence[int] = (),
+        pack_batches: bool = False,
+        rows_multiple: int = 1,
         pad_id: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -175,6 +181,8 @@ class LMPipeline:
             raise ValueError(f"batch size {batch_size} not divisible by {process_count} hosts")
         self.examples, self.seq_len, self.seed = examples, int(seq_len), int(seed)
         self.packing, self.pad_id = bool(packing), int(pad_id)
+        self.pack_batches = bool(pack_batches) and not self.packing
+        self.rows_multiple = int(rows_multiple)
         self.buckets = sorted({int(b) for b in length_buckets if int(b) < seq_len} | {seq_len})
         if packing:
             rows = pack_rows(examples.lengths, seq_len, seed)
@@ -188,6 +196,7 @@ class LMPipeline:
         self.batch_size = batch_size
         self.per_host = batch_size // process_count
         self.host_offset = process_index * self.per_host
+        self.process_count = process_count
         self.rows = grain.MapDataset.source(rows).shuffle(seed=self.seed)
         self.dataset = grain.MapDataset.range(sys.maxsize).map(self.batch)
         self.read_options = grain.ReadOptions(
@@ -209,14 +218,42 @@ class LMPipeline:
         first = step * self.batch_size + self.host_offset
         return [self.rows[first + j] for j in range(self.per_host)]
 
+    def _packed_rows(self, step: int) -> list[list[int]]:
+        """This host's examples of batch ``step`` packed into rows (``pack_batches``); every
+        host pads to the row count the fullest host needs."""
+        lengths = self.examples.lengths
+        packs = []
+        for host in range(self.process_count):
+            first = step * self.batch_size + host * self.per_host
+            examples = [i for j in range(self.per_host) for i in self.rows[first + j]]
+            rows, room = [], []
+            for i in sorted(examples, key=lambda i: (-int(lengths[i]), i)):
+                slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+                if slot is None:
+                    rows.append([]), room.append(self.seq_len)
+                    slot = len(rows) - 1
+                rows[slot].append(i)
+                room[slot] -= int(lengths[i])
+            packs.append(rows)
+        most = max(len(rows) for rows in packs)
+        count = next(c for c in self._row_counts() if c >= most)
+        mine = packs[self.host_offset // self.per_host]
+        return mine + [[] for _ in range(count - len(mine))]
+
+    def _row_counts(self) -> list[int]:
+        """B / 4, B / 2 and B rows per host, rounded up to ``rows_multiple`` (its devices)."""
+        m = self.rows_multiple
+        return sorted({-(-max(self.per_host // d, 1) // m) * m for d in (4, 2, 1)})
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's rows of global batch ``step`` (random access, no iterator state)."""
-        rows = self.row_indices(step)
+        rows = self._packed_rows(step) if self.pack_batches else self.row_indices(step)
         lengths = [int(self.examples.lengths[r].sum()) for r in rows]
-        width = self.seq_len if self.packing else next(b for b in self.buckets if b >= max(lengths))
+        packed = self.packing or self.pack_batches
+        width = self.seq_len if packed else next(b for b in self.buckets if b >= max(lengths))
         out = {k: np.full((len(rows), width), self.pad_id, np.int32) for k in ("inputs", "targets")}
         out["loss_mask"] = np.zeros((len(rows), width), np.int32)
-        if self.packing:
+        if packed:
             out["segment_ids"] = np.zeros((len(rows), width), np.int32)
             out["positions"] = np.zeros((len(rows), width), np.int32)
         flat, starts, sizes = self.examples.flat, self.examples.starts, self.examples.lengths
@@ -226,7 +263,7 @@ class LMPipeline:
                 a, n = starts[i], sizes[i]
                 for k in KEYS:
                     out[k][r, at : at + n] = flat[k][a : a + n]
-                if self.packing:
+                if packed:
                     out["segment_ids"][r, at : at + n] = segment
                     out["positions"][r, at : at + n] = np.arange(n)
                 at += n
