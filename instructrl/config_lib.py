@@ -265,6 +265,7 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
             dropout=0.0,
             dtype="float32",
             param_dtype="float32",
+            matmul_dtype="",  # "bfloat16": bf16 products, float32 sums; "auto": where faster
             scan_layers=ml_collections.config_dict.placeholder(bool),  # None: the preset's
             remat="none",
             attention=ml_collections.config_dict.placeholder(str),

@@ -36,6 +36,10 @@ class ModelConfig:
     (``causal_attention``: no work above the diagonal's blocks; 0 = one block); a name is
     passed to ``jax.nn.dot_product_attention(implementation=...)``: "cudnn" forces the fused
     GPU kernel, "xla" JAX's reference path. The KV-cache decode step always uses the latter.
+    ``matmul_dtype`` "bfloat16" feeds every matrix product (projections, attention, the LM
+    head) bfloat16 operands and accumulates it in float32, the activations and everything
+    else staying in ``dtype`` (what a TPU does to float32 products by default; on a CPU with
+    AVX512-BF16 the products run at twice the float32 rate); "" multiplies in ``dtype``.
     ``qkv_bias`` adds biases to the query/key/value projections (default: gpt only; Qwen2 has
     them on llama). ``rope_scaling`` stretches RoPE for long contexts: "linear" divides every
     frequency by ``rope_factor``; "llama3" (Llama 3.1) divides only the low frequencies, with
@@ -54,6 +58,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_dtype: str = ""
     scan_layers: bool = True
     remat: str = "none"
     attention: str | None = None
@@ -74,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"model.family must be 'gpt' or 'llama', got {self.family!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}")
+        if self.matmul_dtype and self.matmul_dtype not in DTYPES:
+            raise ValueError(
+                f"model.matmul_dtype must be '' or one of {sorted(DTYPES)}, "
+                f"got {self.matmul_dtype!r}"
+            )
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(
                 f"model.rope_scaling must be none|linear|llama3, got {self.rope_scaling!r}"
@@ -116,17 +126,60 @@ class ModelConfig:
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
 
+    @property
+    def product_dtype(self):
+        """The dtype matrix-product operands are cast to (None: as they are)."""
+        return DTYPES[self.matmul_dtype] if self.matmul_dtype else None
+
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids (B, T) that start at 0 on each row's first real token (left padding)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def product(dtype, accumulate):
+    """``lax.dot_general`` with its operands cast to ``dtype`` and the product accumulated
+    and returned in ``accumulate`` (ModelConfig.matmul_dtype); as is when dtype is None. Its
+    gradient products take ``dtype`` operands too (the cotangent cast down, as bf16 autocast
+    does): without that JAX's transpose rule multiplies in float32 and the backward pass,
+    two thirds of the products, gains nothing."""
+    if dtype is None:
+        return jax.lax.dot_general
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        return _low_product(lhs, rhs, dimension_numbers, precision, dtype, accumulate)
+
+    return dot_general
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _low_product(lhs, rhs, dimension_numbers, precision, dtype, accumulate):
+    return jax.lax.dot_general(lhs.astype(dtype), rhs.astype(dtype), dimension_numbers,
+                               precision, preferred_element_type=accumulate)  # fmt: skip
+
+
+def _low_product_fwd(lhs, rhs, dimension_numbers, precision, dtype, accumulate):
+    out = _low_product(lhs, rhs, dimension_numbers, precision, dtype, accumulate)
+    kinds = (jnp.zeros((), lhs.dtype), jnp.zeros((), rhs.dtype))  # the inputs' dtypes
+    return out, (lhs.astype(dtype), rhs.astype(dtype), kinds)
+
+
+def _low_product_bwd(dimension_numbers, precision, dtype, accumulate, res, g):
+    lhs, rhs, (lhs_kind, rhs_kind) = res
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, precision), lhs, rhs)
+    d_lhs, d_rhs = vjp(g.astype(dtype))
+    return d_lhs.astype(lhs_kind.dtype), d_rhs.astype(rhs_kind.dtype)
+
+
+_low_product.defvjp(_low_product_fwd, _low_product_bwd)
+
+
 def _dense(cfg: ModelConfig, cls):
     """``cls`` (nn.Dense or nn.DenseGeneral) with the family's bias and the config's dtypes."""
     return functools.partial(
-        cls, use_bias=cfg.family == "gpt", dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype
-    )
+        cls, use_bias=cfg.family == "gpt", dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        dot_general=product(cfg.product_dtype, cfg.compute_dtype),
+    )  # fmt: skip
 
 
 def _init(cfg: ModelConfig, names: tuple[str | None, ...], scale: float = 1.0):
@@ -179,7 +232,7 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
     return freqs
 
 
-def causal_attention(q, k, v, mask=None, block: int = 64) -> jax.Array:
+def causal_attention(q, k, v, mask=None, block: int = 64, product_dtype=None) -> jax.Array:
     """Causal softmax attention, one block of ``block`` queries at a time: the queries of block
     i attend to keys [0, end of block i) only, so the scores above the diagonal's blocks are
     never computed (with 4 blocks, 5/8 of the full T x T work; each block's scores are also
@@ -188,23 +241,32 @@ def causal_attention(q, k, v, mask=None, block: int = 64) -> jax.Array:
     q: (B, T, N, H); k, v: (B, T, K, H) with N a multiple of K (grouped-query attention);
     mask: None (plain causal) or (B, 1, T, T) bool, already causal (padding, segments).
     Returns (B, T, N, H). A query row with every key masked (a padding position) gets uniform
-    weights, as jax.nn.dot_product_attention gives it; nothing reads it.
+    weights, as jax.nn.dot_product_attention gives it; nothing reads it. ``product_dtype``:
+    the two products' operand dtype (ModelConfig.matmul_dtype), accumulated in float32.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = (q * h**-0.5).reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H)
+    scores_product = product(product_dtype, jnp.float32)
+    values_product = product(product_dtype, v.dtype)
     starts = range(0, t, block) if block else [0]
     outs = []
     for start in starts:
         stop = min(start + block, t) if block else t
         scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q[:, start:stop], k[:, :stop], preferred_element_type=jnp.float32
+            "btkgh,bskh->bkgts",
+            q[:, start:stop],
+            k[:, :stop],
+            preferred_element_type=jnp.float32,
+            _dot_general=scores_product,
         )  # (B, K, G, Tq, S)
         allowed = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (Tq, S)
         if mask is not None:
             allowed = allowed & mask[:, :, None, start:stop, :stop]  # (B, 1, 1, Tq, S)
         probs = jax.nn.softmax(jnp.where(allowed, scores, -1e30), axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v[:, :stop]))
+        outs.append(
+            jnp.einsum("bkgts,bskh->btkgh", probs, v[:, :stop], _dot_general=values_product)
+        )
     return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
 
 
@@ -270,7 +332,9 @@ class Attention(nn.Module):
             k, v = ck.transpose(0, 2, 1, 3), cv.transpose(0, 2, 1, 3)
         if cache is None and cfg.attention is None:
             kv = (k.astype(q.dtype), v.astype(q.dtype))
-            out = causal_attention(q, *kv, mask, cfg.attention_block)  # (B, T, N, H)
+            out = causal_attention(
+                q, *kv, mask, cfg.attention_block, cfg.product_dtype
+            )  # (B, T, N, H)
         else:  # decoding over a cache, or a named kernel (cudnn: the fused GPU one)
             out = jax.nn.dot_product_attention(
                 q,
@@ -469,7 +533,10 @@ class Transformer(nn.Module):
             )(x.astype(jnp.float32))
             return values[..., 0]
         if cfg.tied:
-            logits = embed.attend(x)
+            table = embed.embedding.astype(cfg.compute_dtype)  # (V, D)
+            logits = product(cfg.product_dtype, cfg.compute_dtype)(
+                x, table, (((x.ndim - 1,), (1,)), ((), ()))
+            )  # embed.attend, with the config's product dtype
         else:
             logits = nn.Dense(
                 cfg.vocab_size,

@@ -32,7 +32,7 @@ from instructrl.train import is_done, mark_done
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
-SHARED_MODEL_FIELDS = ("preset", "max_len")
+SHARED_MODEL_FIELDS = ("preset", "max_len", "matmul_dtype")
 
 
 def resolve(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:

@@ -12,6 +12,7 @@ parameter count matches the row's name:
 
 from __future__ import annotations
 
+from instructrl import runtime
 from instructrl.model import ModelConfig
 
 GPT2_VOCAB = 50257
@@ -83,8 +84,11 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 def model_config(config, tokenizer) -> ModelConfig:
     """The ModelConfig of a stage config's ``model`` section (a preset name plus overrides);
-    the vocabulary defaults to the tokenizer's, padded to a multiple of 128."""
+    the vocabulary defaults to the tokenizer's, padded to a multiple of 128; ``matmul_dtype``
+    "auto" is bfloat16 on a backend that multiplies it faster (``runtime``), else ""."""
     fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+    if fields.get("matmul_dtype") == "auto":  # bfloat16 products where they are faster
+        fields["matmul_dtype"] = "bfloat16" if runtime.fast_bfloat16_products() else ""
     fields.setdefault("vocab_size", pad_vocab(tokenizer.vocab_size))
     if fields["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(
