@@ -544,6 +544,7 @@ class Transformer(nn.Module):
                 kernel_init=_init(cfg, ("embed", "vocab")),
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype,
+                dot_general=product(cfg.product_dtype, cfg.compute_dtype),
                 name="lm_head",
             )(x)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))

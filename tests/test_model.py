@@ -79,6 +79,34 @@ def test_remat_and_bf16_agree_with_reference():
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.1
 
 
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_bfloat16_products_keep_float32_activations_and_gradients(name):
+    """matmul_dtype=bfloat16: every product (projections, attention, the tied or untied head)
+    takes bfloat16 operands, forward and backward, and sums in float32; activations, logits
+    and gradients stay float32 and within bfloat16 rounding of the float32 model's."""
+    cfg = preset(name, vocab_size=64, scan_layers=False)
+    model, params, tokens = _init(cfg, t=40)
+    mixed = Transformer(preset(name, vocab_size=64, scan_layers=False, matmul_dtype="bfloat16"))
+
+    def loss(m, p):
+        logits = m.apply({"params": p}, tokens)
+        return -jax.nn.log_softmax(logits)[..., 0].mean(), logits
+
+    (ref_loss, ref), ref_grads = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(params)
+    grad_fn = jax.value_and_grad(lambda p: loss(mixed, p), has_aux=True)
+    (out_loss, out), grads = grad_fn(params)
+    chex.assert_type(out, jnp.float32)
+    scale = float(np.abs(np.asarray(ref)).max())
+    assert 0 < np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.02 * scale
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        chex.assert_type(got, jnp.float32)
+        assert np.abs(got - want).max() <= 0.03 * np.abs(want).max() + 1e-6
+    # Every dot of the forward and backward pass multiplies bfloat16 operands.
+    hlo = jax.jit(grad_fn).lower(params).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all("xbf16>, tensor<" in line.split(":")[-1] for line in dots), dots[:3]
+
+
 def test_scalar_head_shares_trunk_and_dropout_is_stochastic():
     cfg = preset("tiny", vocab_size=64, dropout=0.5)
     model, params, tokens = _init(cfg, head="scalar")
