@@ -2,6 +2,7 @@
 the report has every key, finished stages are not recomputed, and a pipeline SIGKILLed inside
 every training stage resumes to the same params, metrics and report."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -309,7 +310,10 @@ def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
     tokens = np.random.default_rng(0).integers(1, tk.tokenizer.vocab_size, (2, 12)).astype(np.int32)
     special = (tk.tokenizer.pad_id, tk.tokenizer.eos_id)  # HF's classifier stops at a pad id
     tokens[np.isin(tokens, special)] = next(i for i in range(1, 9) if i not in special)
-    ours = np.asarray(Transformer(tk.cfg, head=head).apply({"params": params}, tokens))
+    # The exported weights are the same; HF multiplies them in float32, so ours does here too
+    # (the pipeline's "auto" matmul_dtype is bfloat16 on a CPU with AVX512-BF16).
+    cfg = dataclasses.replace(tk.cfg, matmul_dtype="")
+    ours = np.asarray(Transformer(cfg, head=head).apply({"params": params}, tokens))
     auto = (
         transformers.AutoModelForSequenceClassification
         if head == "scalar"
