@@ -247,6 +247,11 @@ def signal(config, workdir, tiny):
     table_rows = [{"slice": "overall", **measured["overall"]}]
     table_rows += [{"slice": f"family {k}", **v} for k, v in measured["by_family"].items()]
     table_rows += [{"slice": f"sources {k}", **v} for k, v in measured["by_source_pair"].items()]
+    table_rows += [  # the attributes gold separates a pair by; rare combinations left out
+        {"slice": f"differ in {k}", **v}
+        for k, v in measured["by_attribute"].items()
+        if (v.get("rm_vs_gold_pairs") or 0) >= 40
+    ]
     md = common.table(table_rows, ["slice", *SIGNAL_COLUMNS])
     return measured, md
 

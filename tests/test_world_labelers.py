@@ -195,3 +195,9 @@ def test_signal_measures_agree_with_their_definitions(world, ranked_set):
     pairs = sum(v["rm_vs_labels_pairs"] for v in out["by_source_pair"].values())
     assert pairs == out["overall"]["rm_vs_labels_pairs"]
     assert sum(v["prompts"] for v in out["by_family"].values()) == 40
+    # Every pair gold separates counts under exactly one attribute key, and the perfect RM
+    # (gold scores) is right under each.
+    by_attribute = signal.measure(world, by_id, rankings, gold)["by_attribute"]
+    assert sum(v["rm_vs_gold_pairs"] for v in by_attribute.values()) == got["rm_vs_gold_pairs"]
+    assert all(v["rm_vs_gold"] == 1.0 for v in by_attribute.values())
+    assert set(by_attribute) & {"quality", "follows_instruction"}

@@ -1,7 +1,7 @@
 """Where the comparison data's signal is, and where it is lost (experiments/signal).
 
 For one set of ranked responses (a rankings file's records) this measures, overall, per task
-family and per pair of response sources:
+family, per pair of response sources and per attribute that separates a pair:
 
   gold spread        the standard deviation and range of the gold score among a prompt's K
                      responses, and the share of prompts whose K responses are all one text
@@ -14,6 +14,9 @@ family and per pair of response sources:
                      held-out, and training vs held-out)
   reward model       (given its scores) its pairwise accuracy against the file's own labels,
                      against each group's labels and against the gold order
+  by attribute       pairs whose gold scores differ, keyed by the figure-4 attributes that
+                     differ between the two responses (``separating_attributes``; "quality"
+                     when none does): which kind of difference the labelers and the RM resolve
 
 Everything is a pure function of the world, the records and the scores: no sampling.
 """
@@ -32,6 +35,25 @@ def _pair(ranks_a, ranks_b, i: int, j: int) -> tuple[int, int]:
     """(agree, counted) for responses i and j: counted when both orderings order them."""
     a, b = np.sign(ranks_a[i] - ranks_a[j]), np.sign(ranks_b[i] - ranks_b[j])
     return (int(a == b), 1) if a != 0 and b != 0 else (0, 0)
+
+
+ATTRIBUTES = (
+    "follows_instruction",
+    "satisfies_constraints",
+    "truthful",
+    "hallucination",
+    "toxic",
+    "stops",
+)
+
+
+def separating_attributes(gold_a: dict, gold_b: dict) -> str:
+    """The attributes two gold verdicts differ on, joined by "+"; "quality" when they differ
+    only in graded quality (or length), "" when their scores are equal."""
+    if gold_a["score"] == gold_b["score"]:
+        return ""
+    differ = [k for k in ATTRIBUTES if gold_a[k] != gold_b[k]]
+    return "+".join(differ) or "quality"
 
 
 class _Tally:
@@ -60,7 +82,8 @@ def measure(
     """The signal report of ``rankings`` ({id, responses, ranks[, sources]} records);
     ``rm_scores``: per ranking, the reward model's score of each response.
 
-    Returns {"overall": row, "by_family": {family: row}, "by_source_pair": {"a|b": row}}; a
+    Returns {"overall": row, "by_family": {family: row}, "by_source_pair": {"a|b": row},
+    "by_attribute": {"truthful": row, "follows_instruction+stops": row, ...}}; a
     row holds gold_std, gold_range, all_same_share, prompts, and per measure the agreement
     rate and its pair count (``<measure>`` and ``<measure>_pairs``).
     """
@@ -87,6 +110,9 @@ def measure(
             (i, j): [*keys, f"source:{'|'.join(sorted((sources[i], sources[j])))}"]
             for i, j in pairs
         }
+        for i, j in pairs:  # and, where gold separates them, the attributes that do
+            if attribute := separating_attributes(golds[i], golds[j]):
+                pair_keys[i, j].append(f"attribute:{attribute}")
 
         all_ranks = {
             name: [lab.rank(record, responses, golds) for lab in labelers]
@@ -132,4 +158,7 @@ def measure(
         "overall": row_for("overall"),
         "by_family": {k.split(":", 1)[1]: row_for(k) for k in keys if k.startswith("family:")},
         "by_source_pair": {k.split(":", 1)[1]: row_for(k) for k in keys if k.startswith("source:")},
+        "by_attribute": {
+            k.split(":", 1)[1]: row_for(k) for k in keys if k.startswith("attribute:")
+        },
     }
