@@ -25,7 +25,7 @@ import time
 import jax
 import ml_collections
 
-from instructrl import config_lib, runtime
+from instructrl import config_lib, preemption, runtime
 from instructrl.stages import BY_NAME, STAGES, world_section
 from instructrl.train import is_done, mark_done
 
@@ -144,7 +144,8 @@ def _run_concurrently(names: list[str], resolved: dict, workdir: str) -> dict[st
     Every child keeps XLA's thread pools over all the cores rather than a share of them: the
     stage that finishes last then has the whole machine (measured on 2 cores, PPO beside
     PPO-ptx: 91 s with the cores shared, 101 s with one each, 104 s one after the other).
-    Returns each stage's seconds; a failed stage raises."""
+    Returns each stage's seconds; a failed stage raises. A SIGTERM is passed on to the
+    children, which save a checkpoint and exit; then this raises ``Preempted`` too."""
     context = multiprocessing.get_context("spawn")
     cache = jax.config.jax_compilation_cache_dir
     procs = {}
@@ -154,15 +155,20 @@ def _run_concurrently(names: list[str], resolved: dict, workdir: str) -> dict[st
         args = (name, section, os.path.join(workdir, name), cache)
         procs[name] = context.Process(target=_child, args=args, name=f"stage-{name}")
         procs[name].start()
-    seconds, failed = {}, []
-    while procs:
-        for name, proc in list(procs.items()):
-            proc.join(timeout=0.2)
-            if proc.exitcode is not None:
-                seconds[name] = time.time() - start
-                if proc.exitcode != 0:
-                    failed.append(f"{name} (exit code {proc.exitcode})")
-                del procs[name]
+    seconds, failed, preempted = {}, [], []
+    with preemption.forward_to(list(procs.values())):  # SIGTERM: each child saves and exits
+        while procs:
+            for name, proc in list(procs.items()):
+                proc.join(timeout=0.2)
+                if proc.exitcode is not None:
+                    seconds[name] = time.time() - start
+                    if proc.exitcode == preemption.EXIT_CODE:
+                        preempted.append(name)
+                    elif proc.exitcode != 0:
+                        failed.append(f"{name} (exit code {proc.exitcode})")
+                    del procs[name]
+    if preempted and not failed:
+        raise preemption.Preempted()
     if failed:
         raise RuntimeError(f"stages failed: {', '.join(failed)}; their errors are above")
     return seconds

@@ -21,11 +21,15 @@ does the rest:
   timings     compile, host data, device step, evaluation, checkpointing and logging seconds
               (and a stage's own ``time/*`` metrics), written to run_info.json;
   DONE        ``Run.finish`` writes run_info.json and workdir/DONE once the stage's outputs
-              (e.g. the RM's normalized export) are written.
+              (e.g. the RM's normalized export) are written;
+  SIGTERM     (preemption) a checkpoint of the step every process agrees on, then exit status
+              143 (``instructrl.preemption``); the relaunch resumes there.
 
 For resume tests, ``INSTRUCTRL_PAUSE_AFTER_CHECKPOINT=<workdir name>:<step>[,...]`` makes the
 run stop after that checkpoint is on disk (marked by ``workdir/PAUSED_AT_<step>``) and sleep
-until it is killed; a rerun finds the marker and goes on. Nothing else reads the environment.
+until it is killed; a rerun finds the marker and goes on. ``INSTRUCTRL_SIGTERM_AFTER_STEP``
+(same form) makes the run send itself SIGTERM after that step, once (marker
+``workdir/SIGTERM_AT_<step>``). Nothing else reads the environment.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +59,7 @@ from instructrl.metrics import (
     truncate_jsonl,
 )
 from instructrl.model import ModelConfig
+from instructrl.preemption import Preempted, Preemption
 from instructrl.presets import model_config
 from instructrl.tokenizer import Tokenizer, make_tokenizer
 
@@ -290,6 +296,7 @@ class Run:
             for name, (evaluator, _) in evals.items():
                 evaluate(name, evaluator, state, 0)
         tokens, window = 0, time.perf_counter()
+        preemption = Preemption().__enter__()  # SIGTERM: save, then raise Preempted
         try:
             for step in range(start, steps):
                 with timers.time("host_data"):
@@ -326,12 +333,22 @@ class Run:
                         if best is not None:
                             with timers.time("checkpointing"):
                                 best.update(done, results, state)
-                if done % every_save == 0 or done == steps:
+                saved = done % every_save == 0 or done == steps
+                if saved:
                     with timers.time("checkpointing"):
                         checkpoint.save(mngr, done, state_dict(state), force=True)
                     _pause_if_asked(workdir, done, mngr)
                 progress.update(done)
+                _sigterm_if_asked(workdir, done)
+                if preemption.reached(done) and done < steps:
+                    if not saved:
+                        with timers.time("checkpointing"):
+                            checkpoint.save(mngr, done, state_dict(state), force=True)
+                    self.write_info(preempted_at=done)
+                    log.warning("preempted: checkpoint of step %d saved in %s", done, workdir)
+                    raise Preempted(done)
         finally:
+            preemption.__exit__(None, None, None)
             with timers.time("checkpointing"):
                 mngr.wait_until_finished()
                 checkpoint.seal(mngr)
@@ -378,6 +395,21 @@ def _pause_if_asked(workdir: str, step: int, mngr) -> None:
         with open(marker, "w") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(3600)
+
+
+SIGTERM_ENV = "INSTRUCTRL_SIGTERM_AFTER_STEP"
+
+
+def _sigterm_if_asked(workdir: str, step: int) -> None:
+    """The preemption test's signal (module docstring): SIGTERM to this process after
+    ``step`` of a run in a directory named as asked, once."""
+    wanted = {item.strip() for item in os.environ.get(SIGTERM_ENV, "").split(",") if item.strip()}
+    marker = os.path.join(workdir, f"SIGTERM_AT_{step}")
+    name = os.path.basename(os.path.abspath(workdir))
+    if f"{name}:{step}" in wanted and not os.path.exists(marker) and jax.process_index() == 0:
+        with open(marker, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def write_run_info(workdir: str, config, timers: Timers, **info) -> None:

@@ -1,4 +1,5 @@
-"""Two local processes (4 CPU devices each, jax.distributed) train like one 8-device process."""
+"""Two local processes (4 CPU devices each, jax.distributed) train like one 8-device process,
+and a SIGTERM on one of them (preemption) stops both at one checkpoint they resume from."""
 
 import json
 import os
@@ -23,22 +24,29 @@ def _losses(workdir):
         return [r["sft/loss"] for r in map(json.loads, f) if "sft/loss" in r]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    steps = "4"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = str(tmp_path / "single")
+STEPS = "4"
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process with all 8 devices."""
+    workdir = str(tmp_path_factory.mktemp("mh") / "single")
     subprocess.run(
-        [sys.executable, HELPER, "0", "1", "0", single, steps],
-        env=env,
+        [sys.executable, HELPER, "0", "1", "0", workdir, STEPS],
+        env=ENV,
         check=True,
         capture_output=True,
         timeout=300,
     )
-    multi = str(tmp_path / "multi")
+    return workdir
+
+
+def _two_processes(workdir, env=ENV, expect=0):
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, HELPER, str(i), "2", port, multi, steps],
+            [sys.executable, HELPER, str(i), "2", port, workdir, STEPS],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -48,9 +56,31 @@ def test_two_processes_match_one_process(tmp_path):
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
-        if p.returncode != 0:
+        if p.returncode != expect:
             if "gloo" in out.lower() and "not" in out.lower() and "support" in out.lower():
                 pytest.skip("this jaxlib has no CPU cross-process collectives")
-            raise AssertionError(out[-3000:])
+            raise AssertionError(f"exit {p.returncode}, expected {expect}\n{out[-3000:]}")
+
+
+def test_two_processes_match_one_process(single, tmp_path):
+    multi = str(tmp_path / "multi")
+    _two_processes(multi)
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
-    assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == [steps]
+    assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == [STEPS]
+
+
+def test_sigterm_on_one_host_saves_one_step_on_both_and_resumes(single, tmp_path):
+    """Preemption on many hosts: process 0 gets SIGTERM after step 2; jax.distributed's
+    preemption service tells process 1, both save the same step (the sync point, after 2)
+    and exit with status 143; relaunched, both resume there and end as the 1-process run."""
+    from instructrl.preemption import EXIT_CODE
+    from instructrl.train import SIGTERM_ENV
+
+    multi = str(tmp_path / "multi")
+    _two_processes(multi, env={**ENV, SIGTERM_ENV: "multi:2"}, expect=EXIT_CODE)
+    saved = sorted(int(s) for s in os.listdir(os.path.join(multi, "checkpoints")) if s.isdigit())
+    assert len(saved) == 1 and 2 <= saved[0] < int(STEPS), saved
+    _two_processes(multi, env={**ENV, SIGTERM_ENV: "multi:2"})
+    with open(os.path.join(multi, "run_info.json")) as f:
+        assert json.load(f)["resumed_from"] == saved[0]
+    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)

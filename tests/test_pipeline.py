@@ -1,6 +1,7 @@
 """The whole pipeline on its runlocal config: stages hand off, rankings are of SFT samples,
 the report has every key, finished stages are not recomputed, and a pipeline SIGKILLed inside
-every training stage resumes to the same params, metrics and report."""
+every training stage resumes to the same params, metrics and report; one SIGTERMed
+(preempted) saves where it is and resumes from there."""
 
 import dataclasses
 import functools
@@ -120,6 +121,43 @@ def test_killed_pipeline_resumes_to_the_same_report(run, killed):
     for key in ("timings", "time_breakdown"):  # wall-clock, never equal
         want.pop(key), got.pop(key)
     assert got == want
+
+
+def test_sigterm_saves_the_step_and_the_relaunch_resumes_exactly(run, tmp_path):
+    """Preemption: the pipeline (PPO and PPO-ptx in child processes) gets SIGTERM in PPO after
+    a step that is not a checkpoint step; that stage saves the step, the pipeline exits with
+    status 143, and the relaunch ends with the uninterrupted run's params and metrics."""
+    import shutil
+
+    from instructrl.preemption import EXIT_CODE
+    from instructrl.train import SIGTERM_ENV
+
+    ref = run[1]
+    workdir = str(tmp_path / "run")
+    for stage in pipeline.STAGE_NAMES[:5]:  # world .. rm as the uninterrupted run left them
+        shutil.copytree(os.path.join(ref, stage), os.path.join(workdir, stage))
+    shutil.copy(os.path.join(ref, "timings.json"), workdir)
+    overrides = [f"--config.{s}.checkpoint.every_steps={n}" for s, n in CHECKPOINTS.items()]
+    overrides += ["--config.rl.checkpoint.every_steps=2",  # step 1 is not a checkpoint step
+                  f"--config.stages={json.dumps(list(pipeline.STAGE_NAMES[:7]))}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "instructrl.main", "pipeline", "--config",
+           "configs/pipeline.py:runlocal", "--workdir", workdir, *overrides]  # fmt: skip
+    env = {**os.environ, SIGTERM_ENV: "ppo:1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == EXIT_CODE, first.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "ppo", "DONE"))
+    with open(os.path.join(workdir, "ppo", "run_info.json")) as f:
+        assert json.load(f)["preempted_at"] == 1
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(os.path.join(workdir, "ppo", "run_info.json")) as f:
+        assert json.load(f)["resumed_from"] == 1
+    for stage in ("ppo", "ppo_ptx"):
+        want, got = _params(os.path.join(ref, stage)), _params(os.path.join(workdir, stage))
+        for (path, a), (_, b) in zip(_leaves(want), _leaves(got), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{stage}{path}")
+        rows = [_rows(os.path.join(d, stage, "metrics.jsonl")) for d in (ref, workdir)]
+        assert rows[0] == rows[1], stage
 
 
 def _leaves(tree):
