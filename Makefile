@@ -21,11 +21,20 @@ $(BIN)/instructrl: pyproject.toml
 
 venv: $(BIN)/instructrl
 
+# SkyPilot in its own environment (it pins click below huggingface-hub's floor): the launcher
+# runs on the user's machine, not in the training environment; tests/test_sky.py parses the
+# task YAMLs of scripts/sky with it.
+SKY := .venv-sky/bin/sky
+$(SKY):
+	$(PY) -m venv .venv-sky
+	.venv-sky/bin/pip install -q -U pip
+	.venv-sky/bin/pip install -q "skypilot>=0.9"
+
 # The main job: the whole pipeline (world -> pretrain -> SFT -> RM -> PPO, PPO-ptx -> report).
 run: venv
 	$(BIN)/instructrl pipeline --workdir $(WORKDIR)
 
-test: venv
+test: venv $(SKY)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: venv
@@ -38,4 +47,4 @@ bench: venv
 	$(BIN)/python scripts/bench_train.py --preset tiny
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-sky runs

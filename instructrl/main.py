@@ -65,7 +65,21 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, list[tuple[str, str
     parser.add_argument("--workdir", help="directory for checkpoints, metrics and outputs")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config")
     parser.add_argument("--jax_distributed", action="store_true",
-                        help="call jax.distributed.initialize() (multi-host)")  # fmt: skip
+                        help="call jax.distributed.initialize() (multi-host; on TPU VMs and "
+                             "under SLURM / Open MPI it finds its peers itself)")  # fmt: skip
+    parser.add_argument(
+        "--coordinator_address",
+        default=None,
+        help="with --jax_distributed: HOST:PORT of process 0 (GPU clusters)",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=None,
+        help="with --jax_distributed: how many processes (hosts) in all",
+    )
+    parser.add_argument("--process_id", type=int, default=None,
+                        help="with --jax_distributed: this process's index")  # fmt: skip
     parser.add_argument("--compile_cache", default=runtime.DEFAULT_CACHE,
                         help="directory of cached XLA executables ('' = off)")  # fmt: skip
     if command == "compile":
@@ -182,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     if not workdir:
         raise config_lib.ConfigError("--workdir is required")
     if flags.jax_distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=flags.coordinator_address,
+            num_processes=flags.num_processes,
+            process_id=flags.process_id,
+        )
+    elif flags.coordinator_address or flags.num_processes or flags.process_id is not None:
+        raise config_lib.ConfigError(
+            "--coordinator_address, --num_processes and --process_id need --jax_distributed"
+        )
     runtime.configure(compile_cache=flags.compile_cache)
     runtime.setup_logging()
     if command == "pipeline":
