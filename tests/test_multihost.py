@@ -24,7 +24,7 @@ def _losses(workdir):
         return [r["sft/loss"] for r in map(json.loads, f) if "sft/loss" in r]
 
 
-STEPS = "4"
+STEPS = "6"
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
@@ -71,8 +71,9 @@ def test_two_processes_match_one_process(single, tmp_path):
 
 def test_sigterm_on_one_host_saves_one_step_on_both_and_resumes(single, tmp_path):
     """Preemption on many hosts: process 0 gets SIGTERM after step 2; jax.distributed's
-    preemption service tells process 1, both save the same step (the sync point, after 2)
-    and exit with status 143; relaunched, both resume there and end as the 1-process run."""
+    preemption service tells process 1, both save the same step (the sync point: the furthest
+    step any host had reached, plus one) and exit with status 143; relaunched, both resume
+    there and end as the 1-process run."""
     from instructrl.preemption import EXIT_CODE
     from instructrl.train import SIGTERM_ENV
 
