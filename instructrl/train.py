@@ -383,14 +383,18 @@ def with_lr(step_fn, schedule):
 PAUSE_ENV = "INSTRUCTRL_PAUSE_AFTER_CHECKPOINT"
 
 
+def _asked(env: str, workdir: str, step: int) -> bool:
+    """Whether ``env`` ("<workdir name>:<step>[,...]", the test hooks of the module
+    docstring) names this run's directory at ``step``."""
+    wanted = {item.strip() for item in os.environ.get(env, "").split(",") if item.strip()}
+    return f"{os.path.basename(os.path.abspath(workdir))}:{step}" in wanted
+
+
 def _pause_if_asked(workdir: str, step: int, mngr) -> None:
     """The resume tests' kill point (module docstring): after checkpoint ``step`` of a run in
     a directory named as asked, wait for the checkpoint, mark it and sleep until killed."""
-    wanted = {item.strip() for item in os.environ.get(PAUSE_ENV, "").split(",") if item.strip()}
     marker = os.path.join(workdir, f"PAUSED_AT_{step}")
-    if f"{os.path.basename(os.path.abspath(workdir))}:{step}" in wanted and not os.path.exists(
-        marker
-    ):
+    if _asked(PAUSE_ENV, workdir, step) and not os.path.exists(marker):
         mngr.wait_until_finished()
         with open(marker, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -403,10 +407,12 @@ SIGTERM_ENV = "INSTRUCTRL_SIGTERM_AFTER_STEP"
 def _sigterm_if_asked(workdir: str, step: int) -> None:
     """The preemption test's signal (module docstring): SIGTERM to this process after
     ``step`` of a run in a directory named as asked, once."""
-    wanted = {item.strip() for item in os.environ.get(SIGTERM_ENV, "").split(",") if item.strip()}
     marker = os.path.join(workdir, f"SIGTERM_AT_{step}")
-    name = os.path.basename(os.path.abspath(workdir))
-    if f"{name}:{step}" in wanted and not os.path.exists(marker) and jax.process_index() == 0:
+    if (
+        _asked(SIGTERM_ENV, workdir, step)
+        and not os.path.exists(marker)
+        and jax.process_index() == 0
+    ):
         with open(marker, "w") as f:
             f.write(f"{os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGTERM)
