@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructrl import config_lib, ppo, presets, sampler, scoring, sharding
+from instructrl import config_lib, fs, ppo, presets, sampler, scoring, sharding
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
 from instructrl.rm import rm_step
@@ -562,7 +562,6 @@ def main(config, topology: str, json_path: str = "", require_fit: bool = False) 
             + (shown or "none on this slice: a larger slice, remat or bfloat16 params")
         )
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
+        fs.makedirs(os.path.dirname(fs.absolute(json_path)))
+        fs.write_atomic(json_path, json.dumps(report, indent=2))
     return 1 if require_fit and not report["fits"] else 0

@@ -19,14 +19,15 @@ import json
 import logging
 import os
 import re
-import shutil
 import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from instructrl import fs
 from instructrl.model import stack_layers, unstack_layers
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def manager(directory: str, keep: int = 2, async_save: bool = True):
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(fs.absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
@@ -52,19 +53,26 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = Fals
 SUMS = "instructrl_sums.json"
 
 
+def _files(directory: str, prefix: str = ""):
+    """(path relative to ``directory``, path) of every file under it."""
+    for name in fs.listdir(directory):
+        path = os.path.join(directory, name)
+        if fs.isdir(path):
+            yield from _files(path, prefix + name + "/")
+        else:
+            yield prefix + name, path
+
+
 def _file_sums(step_dir: str) -> dict[str, list[int]]:
     sums = {}
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel == SUMS:
-                continue
-            crc = 0
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    crc = zlib.crc32(chunk, crc)
-            sums[rel] = [os.path.getsize(path), crc]
+    for rel, path in _files(step_dir):
+        if rel == SUMS:
+            continue
+        crc, size = 0, 0
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        sums[rel] = [size, crc]
     return sums
 
 
@@ -75,20 +83,16 @@ def seal(mngr: ocp.CheckpointManager) -> None:
     for step in mngr.all_steps():
         step_dir = os.path.join(str(mngr.directory), str(step))
         target = os.path.join(step_dir, SUMS)
-        if os.path.isdir(step_dir) and not os.path.exists(target):
-            sums = _file_sums(step_dir)
-            with open(target + ".tmp", "w") as f:
-                json.dump(sums, f)
-            os.replace(target + ".tmp", target)
+        if fs.isdir(step_dir) and not fs.exists(target):
+            fs.write_atomic(target, json.dumps(_file_sums(step_dir)))
 
 
 def verify(step_dir: str) -> str | None:
     """Why a sealed step's files do not match their sums (None: they match, or no seal)."""
     target = os.path.join(step_dir, SUMS)
-    if not os.path.exists(target):
+    if not fs.exists(target):
         return None
-    with open(target) as f:
-        want = json.load(f)
+    want = json.loads(fs.read_text(target))
     got = _file_sums(step_dir)
     for rel, (size, crc) in want.items():
         if rel not in got:
@@ -115,7 +119,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict) -> tuple[d
     failures = []
     for step in sorted(mngr.all_steps(), reverse=True):
         path = os.path.join(str(mngr.directory), str(step))
-        reason = verify(path) if os.path.isdir(path) else None
+        reason = verify(path) if fs.isdir(path) else None
         if reason is None:
             try:
                 state = restore(mngr, step, abstract_state)
@@ -128,8 +132,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict) -> tuple[d
         for path, _ in failures:  # newer than the one restored: out of the run's way, kept
             aside = os.path.join(str(mngr.directory) + ".corrupt", os.path.basename(path))
             if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(aside), exist_ok=True)
-                shutil.move(path, aside)
+                fs.makedirs(os.path.dirname(aside))
+                epath.Path(path).rename(aside)
             log.warning("moved the unreadable checkpoint %s to %s", path, aside)
         mngr.reload()
         return state, step
@@ -161,15 +165,15 @@ def export_params(workdir: str, params: Any, info: dict | None = None) -> None:
     mngr.wait_until_finished()
     mngr.close()
     if info is not None and jax.process_index() == 0:
-        with open(os.path.join(workdir, "export", "info.json"), "w") as f:
-            json.dump(info, f, indent=2, default=str)
+        text = json.dumps(info, indent=2, default=str)
+        fs.write_atomic(os.path.join(workdir, "export", "info.json"), text)
 
 
 def params_source(workdir: str) -> tuple[str, int]:
     """(directory, step) a later stage reads: export/, else best/, else checkpoints/."""
     for name in EXPORT_ORDER:
-        directory = os.path.join(os.path.abspath(workdir), name)
-        if os.path.isdir(directory):
+        directory = os.path.join(fs.absolute(workdir), name)
+        if fs.isdir(directory):
             mngr = ocp.CheckpointManager(directory)
             step = mngr.latest_step()
             mngr.close()

@@ -31,14 +31,14 @@ import os
 import ml_collections
 import numpy as np
 
-from instructrl import chat, report, scoring
+from instructrl import chat, fs, report, scoring
 from instructrl.config_lib import ConfigError
 from instructrl.data.errors import DataError
 from instructrl.metrics import Timers
 from instructrl.policy_io import Toolkit, stage_config
-from instructrl.train import is_done, write_run_info
+from instructrl.train import is_done, is_main_process, write_run_info
 from instructrl.world import World, heldout
-from instructrl.world.datasets import read_jsonl
+from instructrl.world.datasets import read_jsonl, write_jsonl
 from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
 from instructrl.world.world import FEWSHOT_STOP
 
@@ -136,7 +136,7 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     base, experiment (e)) compare on the same prompts; they must share the SFT tokenizer.
     """
     e = config
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     timers = Timers()
     world = World.from_config(e.world)
     models = dict(models if models is not None else e.models)
@@ -179,9 +179,11 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
             else:
                 b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
         batches[m] = b
-        with open(os.path.join(workdir, f"samples_{m}.jsonl"), "w") as f:
-            for r, text in zip(records, b.texts, strict=True):
-                f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n")
+        if not is_main_process():  # every process computes the same evaluation; one writes
+            continue
+        rows = [json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n"
+                for r, text in zip(records, b.texts, strict=True)]  # fmt: skip
+        fs.write_atomic(os.path.join(workdir, f"samples_{m}.jsonl"), "".join(rows))
 
     results, lm_losses = {}, {}
     sft_texts = batches["sft"].texts
@@ -221,8 +223,8 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
         "attributes": list(ATTRIBUTES),
         "settings": settings,
     }
-    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    if is_main_process():
+        fs.write_atomic(os.path.join(workdir, "evaluation.json"), json.dumps(out, indent=1))
     write_run_info(workdir, config, timers, stage="evaluate", models=models)
     return out
 
@@ -244,7 +246,7 @@ def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
     workdir/report.md and samples_{policy,reference}.jsonl; returns the evaluation dict.
     """
     records = chat.read_prompts(prompts)[: limit or None]
-    if not world_dir and os.path.isfile(os.path.join(os.path.dirname(prompts), "world.json")):
+    if not world_dir and fs.isfile(os.path.join(os.path.dirname(prompts), "world.json")):
         world_dir = os.path.dirname(prompts)
     world = World.from_dir(world_dir) if world_dir else None
     if world is not None:
@@ -256,7 +258,7 @@ def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
             )
     if world is None and not reward_model:
         raise ConfigError("evaluate: the prompts are not a world's; pass --reward_model DIR")
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     timers = Timers()
     cache: dict = {}
     with timers.time("restore"):
@@ -301,10 +303,9 @@ def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
                 ref = reference.toolkit.logprobs(reference.params, b, sampling.reference())
                 res["kl_to_reference"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
         results[name] = res
-        with open(os.path.join(workdir, f"samples_{name}.jsonl"), "w", encoding="utf-8") as f:
-            for i, (r, text) in enumerate(zip(records, b.texts, strict=True)):
-                row = {"id": r.get("id", i), "prompt": conversations[i][-1]["content"]}
-                f.write(json.dumps({**row, "response": text}, ensure_ascii=False) + "\n")
+        rows = [{"id": r.get("id", i), "prompt": conversations[i][-1]["content"], "response": text}
+                for i, (r, text) in enumerate(zip(records, b.texts, strict=True))]  # fmt: skip
+        write_jsonl(os.path.join(workdir, f"samples_{name}.jsonl"), rows)
     out = {
         "models": results,
         "num_prompts": len(records),
@@ -312,16 +313,14 @@ def compare(policy_dir: str, reference_dir: str, prompts: str, workdir: str, *,
         "attributes": list(ATTRIBUTES) if world is not None else [],
         "settings": {
             **settings,
-            "policy": os.path.abspath(policy_dir),
-            "reference": os.path.abspath(reference_dir),
-            "prompts": os.path.abspath(prompts),
-            "reward_model": reward_model and os.path.abspath(reward_model),
-            "world": world_dir and os.path.abspath(world_dir),
+            "policy": fs.absolute(policy_dir),
+            "reference": fs.absolute(reference_dir),
+            "prompts": fs.absolute(prompts),
+            "reward_model": reward_model and fs.absolute(reward_model),
+            "world": world_dir and fs.absolute(world_dir),
         },
     }
-    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report.comparison_markdown(out))
+    fs.write_atomic(os.path.join(workdir, "evaluation.json"), json.dumps(out, indent=1))
+    fs.write_atomic(os.path.join(workdir, "report.md"), report.comparison_markdown(out))
     write_run_info(workdir, ml_collections.ConfigDict(out["settings"]), timers, stage="compare")
     return out

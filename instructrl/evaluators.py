@@ -19,11 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from instructrl import losses, sampler, scoring, sharding
+from instructrl import fs, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.world import gold_scorer
 
@@ -68,8 +67,8 @@ def padded_chunks(arrays: dict[str, np.ndarray], batch_size: int):
 
 def _append_jsonl(workdir: str, rows: list[dict]) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        fs.append(os.path.join(workdir, "samples.jsonl"), text)
 
 
 @register("heldout_loss")
@@ -92,7 +91,7 @@ class HeldoutLoss:
     def run(self, state):
         total, count = 0.0, 0.0
         for _, rows in padded_chunks(self.ctx["eval_arrays"], self.batch_size):
-            s, c = self._sums(state.params, sharding.shard_batch(rows, self.ctx["mesh"]))
+            s, c = self._sums(state.params, sharding.put_global(rows, self.ctx["mesh"]))
             total, count = total + float(s), count + float(c)
         loss = total / max(count, 1.0)
         return {f"{self.prefix}/loss": loss, f"{self.prefix}/perplexity": float(np.exp(loss))}
@@ -117,7 +116,7 @@ class Samples:
     def run(self, state):
         tok = self.ctx["tokenizer"]
         out = self._sample(state.params, self.tokens, self.mask, jax.random.key(0))
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        tokens, mask = sharding.to_host((out.tokens, out.mask))
         step = int(jax.device_get(state.step))
         texts = [tok.decode_until_eos(row) for row in tokens]
         _append_jsonl(
@@ -154,11 +153,11 @@ class RankingAccuracy:
     def run(self, state):
         pair_correct, pair_logloss, pair_group, rewards_all = [], [], [], []
         for real, rows in padded_chunks(self.ctx["eval_arrays"], self.batch_size):
-            batch = sharding.shard_batch(
+            batch = sharding.put_global(
                 {k: v for k, v in rows.items() if k != "group"}, self.ctx["mesh"]
             )
             rewards, pairs, margin = (
-                np.asarray(x)[:real] for x in self._stats(state.params, batch)
+                x[:real] for x in sharding.to_host(self._stats(state.params, batch))
             )
             for i in range(real):
                 sel = pairs[i]
@@ -206,19 +205,21 @@ class PolicyEval:
         logprobs, ref_logprobs, raw_scores = self._scores(
             params, frozen["ref"], frozen["rm"], tokens, mask, samples.tokens, samples.mask
         )
-        m = samples.mask.astype(jnp.float32)
+        logprobs, ref_logprobs, scores, tokens, mask = sharding.to_host(
+            (logprobs, ref_logprobs, raw_scores, samples.tokens, samples.mask)
+        )
+        m = mask.astype(np.float32)
         kl = np.asarray(scoring.sequence_kl(logprobs * m, ref_logprobs * m, m))
         out = {
-            f"{self.prefix}/score": float(np.asarray(raw_scores).mean()),
+            f"{self.prefix}/score": float(scores.mean()),
             f"{self.prefix}/kl_to_ref": float(kl.mean()),
-            f"{self.prefix}/response_length": float(np.asarray(m).sum(1).mean()),
+            f"{self.prefix}/response_length": float(m.sum(1).mean()),
         }
         tok = ctx["tokenizer"]
-        texts = [tok.decode_until_eos(row) for row in np.asarray(samples.tokens)]
+        texts = [tok.decode_until_eos(row) for row in tokens]
         if self._gold is not None:
             out[f"{self.prefix}/gold_score"] = float(np.mean(self._gold(texts)))
         step = int(jax.device_get(state.step))
-        scores = np.asarray(raw_scores)
         _append_jsonl(
             ctx["workdir"],
             [
@@ -267,8 +268,8 @@ class PretrainEval:
         self._sft_loss = None
 
     def _loss(self, params) -> float:
-        sums = [self._nll_sum(params, chunk) for chunk in self.chunks]
-        total, count = (float(sum(np.asarray(x[i]) for x in sums)) for i in (0, 1))
+        sums = sharding.to_host([self._nll_sum(params, chunk) for chunk in self.chunks])
+        total, count = (float(sum(x[i] for x in sums)) for i in (0, 1))
         return total / max(count, 1.0)
 
     def run(self, state):

@@ -30,7 +30,7 @@ import sys
 
 import jax
 
-from instructrl import chat, config_lib, evaluate, pipeline, report, runtime
+from instructrl import chat, config_lib, evaluate, fs, pipeline, report, runtime
 from instructrl.checkpoint import CheckpointError
 from instructrl.data.errors import DataError
 from instructrl.stages import TRAINERS
@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "pipeline":
         pipeline.run(config, workdir)
         report_path = os.path.join(workdir, "report.json")
-        if os.path.exists(report_path):
-            with open(report_path) as f:
-                print("\n" + report.headline(json.load(f)) + "\n")
+        if fs.exists(report_path) and jax.process_index() == 0:
+            print("\n" + report.headline(json.loads(fs.read_text(report_path))) + "\n")
             print(f"full report: {os.path.join(workdir, 'report.md')}")
     else:
         TRAINERS[config.stage](config, workdir)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from instructrl import fs
+
 try:  # TensorBoard events are optional: metrics.jsonl is always written
     from tensorboardX import SummaryWriter
 except ImportError:
@@ -43,25 +45,22 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
-        self._file = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._tb = SummaryWriter(os.path.join(workdir, "tb")) if SummaryWriter else None
+        fs.makedirs(workdir)
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        local = not fs.is_remote(workdir)  # TensorBoard's writer takes local directories only
+        self._tb = SummaryWriter(os.path.join(workdir, "tb")) if SummaryWriter and local else None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": int(step), **metrics}) + "\n")
-        self._file.flush()
+        fs.append(self._path, json.dumps({"step": int(step), **metrics}) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -69,15 +68,12 @@ class MetricWriter:
 def truncate_jsonl(path: str, max_step: int) -> None:
     """Drop the rows of a JSONL log whose "step" is beyond ``max_step`` (a resumed run logs
     them again); atomic, a no-op when nothing is dropped."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    lines = fs.read_text(path).splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= max_step]
     if len(kept) != len([line for line in lines if line.strip()]):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        fs.write_atomic(path, "".join(kept))
 
 
 class Timers:

@@ -25,9 +25,9 @@ import time
 import jax
 import ml_collections
 
-from instructrl import config_lib, preemption, runtime
+from instructrl import config_lib, fs, preemption, runtime
 from instructrl.stages import BY_NAME, STAGES, world_section
-from instructrl.train import is_done, mark_done
+from instructrl.train import is_done, is_main_process, mark_done, sync_processes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def resolve(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
             "config.rl.ptx.coef: the RL stages take gamma from config.ptx_coef "
             "(ppo: 0, ppo_ptx: ptx_coef); remove rl.ptx.coef"
         )
-    root = os.path.abspath(workdir)
+    root = fs.absolute(workdir)
     dirs = {s: os.path.join(root, s) for s in c.stages}
     out = {}
     for index, name in enumerate(c.stages, start=1):
@@ -106,13 +106,10 @@ def run(config, workdir: str) -> dict:
     ``config.parallel`` is set: a small model's step leaves a core idle in its
     single-threaded parts, which the other stage fills (jax.distributed runs keep one
     process per host and run stages one after the other)."""
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     resolved = resolve(config, workdir)
     timings_path = os.path.join(workdir, "timings.json")
-    timings = {}
-    if os.path.exists(timings_path):
-        with open(timings_path) as f:
-            timings = json.load(f)
+    timings = json.loads(fs.read_text(timings_path)) if fs.exists(timings_path) else {}
     index = {name: i for i, name in enumerate(resolved, start=1)}
     parallel = bool(config.get("parallel", False)) and jax.process_count() == 1
     for group in groups(list(resolved), parallel):
@@ -121,21 +118,23 @@ def run(config, workdir: str) -> dict:
             where = os.path.join(workdir, name)
             state = "already done" if name not in todo else f"-> {where}"
             log.info("stage %d/%d %s %s", index[name], len(resolved), name, state)
-            os.makedirs(where, exist_ok=True)
+            fs.makedirs(where)
         start = time.time()
         if len(todo) > 1:
             seconds = _run_concurrently(todo, resolved, workdir)
         else:
             seconds = {}
             for name in todo:
-                BY_NAME[name].run(resolved[name], os.path.join(workdir, name))
+                if BY_NAME[name].every_process or is_main_process():
+                    BY_NAME[name].run(resolved[name], os.path.join(workdir, name))
                 seconds[name] = time.time() - start
         for name in todo:
             timings[name] = round(seconds[name], 1)
-            with open(timings_path + ".tmp", "w") as f:
-                json.dump(timings, f, indent=1)
-            os.replace(timings_path + ".tmp", timings_path)
+            if is_main_process():
+                fs.write_atomic(timings_path, json.dumps(timings, indent=1))
             mark_done(os.path.join(workdir, name))
+        # Many hosts: the next stage reads what process 0 has just written.
+        sync_processes("pipeline:" + "+".join(group))
     return timings
 
 

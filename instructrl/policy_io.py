@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from instructrl import config_lib, convert, losses, sampler, scoring, sharding
+from instructrl import config_lib, convert, fs, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data.lm import bucket_length, left_pad
 from instructrl.model import ModelConfig, Transformer
@@ -161,8 +161,8 @@ class Toolkit:
         for i, (rows, (pt, pm)) in enumerate(chunks):
             pt, pm = self._trim(pt, pm)
             out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
-            tokens[rows] = np.asarray(out.tokens)[: len(rows)]
-            masks[rows] = np.asarray(out.mask)[: len(rows)]
+            out_tokens, out_mask = sharding.to_host((out.tokens, out.mask))
+            tokens[rows], masks[rows] = out_tokens[: len(rows)], out_mask[: len(rows)]
         texts = [self.tokenizer.decode_until_eos(row) for row in tokens]
         return Batch(list(prompts), texts, p_tokens, p_mask, tokens, masks)
 
@@ -197,7 +197,8 @@ class Toolkit:
         out = None
         for idx, (pt, pm, t, m) in self._chunks(*arrays, order=np.argsort(-total, kind="stable")):
             packed = scoring.pack(pt, pm, t, m, row_len, rows)
-            values = np.asarray(fn(params, packed, jnp.asarray(t), jnp.asarray(m)))[: len(idx)]
+            values = sharding.to_host(fn(params, packed, jnp.asarray(t), jnp.asarray(m)))
+            values = values[: len(idx)]
             if out is None:
                 out = np.zeros((len(batch.tokens), *values.shape[1:]), values.dtype)
             out[idx] = values
@@ -272,15 +273,13 @@ def stage_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a stage ran with (its run_info.json), or an imported model's (model.json +
     tokenizer/ of ``python -m instructrl.convert``)."""
     info = os.path.join(workdir, "run_info.json")
-    if os.path.isfile(info):
-        with open(info) as f:
-            return ml_collections.ConfigDict(json.load(f)["config"])
+    if fs.isfile(info):
+        return ml_collections.ConfigDict(json.loads(fs.read_text(info))["config"])
     model_json = os.path.join(workdir, "model.json")
-    if not os.path.isfile(model_json):
+    if not fs.isfile(model_json):
         raise FileNotFoundError(f"{workdir}: not a stage workdir (no run_info.json or model.json)")
     c = config_lib.base_config()
-    with open(model_json) as f:
-        fields = json.load(f)
+    fields = json.loads(fs.read_text(model_json))
     c.model.update({k: v for k, v in fields.items() if k in c.model})
     c.model.preset = "tiny"  # every architecture field comes from the file
     for k, v in fields.items():

@@ -359,29 +359,25 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
     (the frozen reference and RM params are their arguments). batch: prompt_tokens,
     prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``.
 
-    With ``hp.pack`` (one process), scoring and the update run over packed (prompt, response)
-    rows built on the host from the samples (``scoring.pack``, ``packed_plan``): the same
-    rollout and the same minibatches, over about half the tokens. ``mesh`` places the packed
-    rows over its batch axes."""
+    With ``hp.pack``, scoring and the update run over packed (prompt, response) rows built on
+    the host from the samples (``scoring.pack``, ``packed_plan``; on many hosts every process
+    gathers the rollout and builds the same plan): the same rollout and the same minibatches,
+    over about half the tokens. ``mesh`` places the packed rows over its batch axes."""
     jitted = phases(models, hp, tx, value_tx)
     gen, score, advantages = jitted["generate"], jitted["score"], jitted["advantages"]
     summarize, update = jitted["summarize"], jitted["update"]
-    devices = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    devices = 1 if mesh is None else sharding.batch_shards(mesh)
 
     def place(packed: scoring.Packed, axis: int = 0):
-        """Packed rows split over the mesh's batch axes (indices replicated)."""
+        """Packed rows split over the mesh's batch axes (indices replicated); every process
+        holds the whole host copy and places its own devices' rows."""
         if mesh is None:
             return packed
-        rows = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(*([None] * axis), sharding.BATCH_AXES)
-        )
-        whole = sharding.replicated(mesh)
-        put = lambda x, s: jax.device_put(x, s)  # noqa: E731
-        return packed.replace(
-            tokens=put(packed.tokens, rows), positions=put(packed.positions, rows),
-            segment_ids=put(packed.segment_ids, rows), index=put(packed.index, whole),
-            last=put(packed.last, whole),
-        )  # fmt: skip
+        rows = jax.sharding.PartitionSpec(*([None] * axis), sharding.BATCH_AXES)
+        whole = jax.sharding.PartitionSpec()
+        specs = packed.replace(tokens=rows, positions=rows, segment_ids=rows, index=whole,
+                               last=whole)  # fmt: skip
+        return sharding.put_global(packed, mesh, specs)
 
     def step(state: PPOState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -391,8 +387,8 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
         t1 = time.perf_counter()
         params = (state.params, state.value_params, frozen["ref"], frozen["rm"])
         packed = plan = None
-        if hp.pack and jax.process_count() == 1:
-            host = jax.device_get((*prompts, samples.tokens, samples.mask))
+        if hp.pack:  # many hosts: each gathers the whole rollout and packs it the same way
+            host = sharding.to_host((*prompts, samples.tokens, samples.mask))
             row_len = host[0].shape[1] + host[2].shape[1]
             packed = place(scoring.pack(*host, row_len, row_counts(len(host[0]), devices)))
             ptx_rows = 0 if batch.get("ptx") is None else len(batch["ptx"]["inputs"])

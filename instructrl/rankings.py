@@ -31,9 +31,10 @@ import os
 
 import numpy as np
 
+from instructrl import fs
 from instructrl.metrics import Timers
 from instructrl.policy_io import Toolkit
-from instructrl.train import write_run_info
+from instructrl.train import is_main_process, write_run_info
 from instructrl.world import World, signal
 from instructrl.world.datasets import build_rankings, read_jsonl, write_jsonl
 from instructrl.world.world import FEWSHOT_STOP
@@ -62,7 +63,7 @@ def _sources(r) -> dict[str, dict]:
 def run(config, workdir: str) -> dict[str, list[dict]]:
     """Sample, rank and write the three rankings files; returns them by name."""
     r = config
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     timers = Timers()
     world = World.from_config(
         r.world, min_responses=int(r.min_responses), max_responses=int(r.max_responses)
@@ -144,15 +145,18 @@ def run(config, workdir: str) -> dict[str, list[dict]]:
         out["valid_heldout_labelers"].append(
             {**row, "ranks": ranks, "labeler_id": labeler.labeler_id}
         )
+    # Every process sampled (its share of each batch) and ranked the same rows; one writes.
+    main = is_main_process()
     for name, rankings in out.items():
-        write_jsonl(os.path.join(workdir, f"rankings_{name}.jsonl"), rankings)
+        if main:
+            write_jsonl(os.path.join(workdir, f"rankings_{name}.jsonl"), rankings)
         log.info("rankings: %d prompts -> rankings_%s.jsonl", len(rankings), name)
     # How much signal the validation comparisons carry (gold spread, labelers vs gold,
     # inter-labeler agreement, by family and source pair): the report shows it.
     with timers.time("labeling"):
         measured = signal.measure(world, by_id, out["valid_train_labelers"])
-    with open(os.path.join(workdir, "signal.json"), "w") as f:
-        json.dump(measured, f, indent=1)
+    if main:
+        fs.write_atomic(os.path.join(workdir, "signal.json"), json.dumps(measured, indent=1))
     o = measured["overall"]
     log.info(
         "rankings: inter-labeler agreement %.3f training, %.3f held-out (paper 0.726 / 0.773); "

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 
+from instructrl import fs
 from instructrl.world.labelers import LIKERT_FLAGS as ATTRIBUTES
 from instructrl.world.labelers import pair_agreement
 
@@ -31,17 +32,15 @@ CURVE_KEYS = ("ppo/score", "ppo/kl_to_ref", "ppo/total_reward", "ppo/ptx_loss", 
 
 
 def _jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 def _json(path: str):
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fs.read_text(path))
 
 
 def curves(stage_dir: str) -> dict[str, list]:
@@ -103,7 +102,7 @@ TIME_PARTS = ("compile_and_first_step", "restore", "host_data", "device_step", "
 def time_breakdown(workdir: str) -> dict:
     """{stage: {part: seconds, total, minor_page_faults}} from each stage's run_info.json."""
     out = {}
-    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    for name in fs.listdir(workdir) if fs.isdir(workdir) else []:
         info = _json(os.path.join(workdir, name, "run_info.json"))
         if info and isinstance(info.get("seconds"), dict):
             out[name] = info["seconds"]
@@ -271,7 +270,7 @@ def plots(report: dict, directory: str) -> list[str]:
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install 'instructrl[plots]')")
         return []
-    os.makedirs(directory, exist_ok=True)
+    fs.makedirs(directory)
     paths = []
     models = report["models"]
     names = [n for n in MODELS if n in models]
@@ -319,7 +318,8 @@ def plots(report: dict, directory: str) -> list[str]:
 def _save(fig, directory, name, plt):
     path = os.path.join(directory, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 
@@ -331,9 +331,7 @@ def run(config, workdir: str) -> dict:
 
 def write(workdir: str) -> dict:
     report = build(workdir)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown(report))
+    fs.write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
+    fs.write_atomic(os.path.join(workdir, "report.md"), markdown(report))
     plots(report, os.path.join(workdir, "plots"))
     return report

@@ -167,19 +167,24 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
     prompt: 46% fewer tokens than one prompt copy per response, which itself is 11% of the
     padded 160 slots). A ranking whose prompt and responses do not fit one row of
     ``row_len`` tokens continues in another row behind another copy of its prompt. Pieces
-    are placed first-fit by decreasing length and the row count is rounded up to a multiple
-    of ``rows_multiple``, so few shapes compile.
+    are placed first-fit by decreasing length.
 
-    batch(step): tokens, positions, segment_ids, branch_ids (R, row_len); index (B, K) of
-    each response's last token in the flattened (R * row_len) rows of the global batch;
-    ranks, mask (B, K). Each host packs its own rankings; R is the largest host's, so every
-    host's arrays have one shape.
+    The rows are split over ``shards`` devices (the mesh's batch axes): each shard packs its
+    own B / shards rankings, every shard padded to the row count the fullest one needs,
+    rounded up to a multiple of 8 / shards (few shapes compile). So the global batch is the
+    same whether one process feeds it or many (each host builds its own shards' rows).
+
+    batch(step): tokens, positions, segment_ids, branch_ids (R, row_len) of this host;
+    index (B, K) of each response's last token in the flattened (R * row_len) rows of the
+    global batch; ranks, mask (B, K).
     """
 
-    def __init__(self, arrays, batch_size, seed, host_rows=None, rows_multiple: int = 8,
+    def __init__(self, arrays, batch_size, seed, host_rows=None, shards: int = 1,
                  row_len: int | None = None, share_prompt: bool = True):  # fmt: skip
         super().__init__(arrays, batch_size, seed, host_rows)
-        self.rows_multiple = rows_multiple
+        if batch_size % shards:
+            raise ValueError(f"rm: batch size {batch_size} is not split evenly over {shards}")
+        self.shards = shards
         self.row_len = max(int(row_len or 0), arrays["tokens"].shape[-1])
         self.share_prompt = share_prompt and "prompt" in arrays
 
@@ -225,20 +230,25 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         all_rows = self.global_rows(step)
-        per_host = len(range(*self.host_rows.indices(self.batch_size)))
-        hosts = [all_rows[h : h + per_host] for h in range(0, self.batch_size, per_host)]
-        packings = [self._pack(r) for r in hosts]
-        m = self.rows_multiple
-        num_rows = -(-max(len(p) for p in packings) // m) * m
-        host = self.host_rows.start // per_host
-        rows, packed, t = hosts[host], packings[host], self.row_len
+        per_shard = self.batch_size // self.shards
+        shards = [all_rows[s : s + per_shard] for s in range(0, self.batch_size, per_shard)]
+        packings = [self._pack(r) for r in shards]
+        m = max(8 // self.shards, 1)
+        num_rows = -(-max(len(p) for p in packings) // m) * m  # per shard
+        first = self.host_rows.start // per_shard  # this host's shards
+        mine = range(first, self.host_rows.stop // per_shard)
+        rows = np.concatenate([shards[s] for s in mine])
+        t = self.row_len
         keys = ("tokens", "positions", "segment_ids", "branch_ids")
-        out = {key: np.zeros((num_rows, t), np.int32) for key in keys}
+        out = {key: np.zeros((num_rows * len(mine), t), np.int32) for key in keys}
         tokens, last = self.arrays["tokens"], self.arrays["last"]
         index = np.zeros((len(rows), tokens.shape[1]), np.int32)
-        for r, pieces in enumerate(packed):
+        at_rows = [(local, local * num_rows + r, pieces) for local, s in enumerate(mine)
+                   for r, pieces in enumerate(packings[s])]  # fmt: skip
+        for local, r, pieces in at_rows:
             at = 0
-            for segment, (i, p, members, length) in enumerate(pieces, start=1):
+            for segment, (j, p, members, length) in enumerate(pieces, start=1):
+                i = local * per_shard + j  # this host's ranking row
                 out["tokens"][r, at : at + p] = tokens[rows[i], members[0], :p]
                 out["positions"][r, at : at + p] = np.arange(p)
                 out["segment_ids"][r, at : at + length] = segment
@@ -249,7 +259,7 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
                     out["tokens"][r, span] = tokens[rows[i], k, p : p + n]
                     out["positions"][r, span] = np.arange(p, p + n)
                     out["branch_ids"][r, span] = branch
-                    index[i, k] = (host * num_rows + r) * t + at_response + n - 1  # flat, global
+                    index[i, k] = (first * num_rows + r) * t + at_response + n - 1  # flat, global
                     at_response += n
                 at += length
         out.update(index=index, ranks=self.arrays["ranks"][rows], mask=self.arrays["mask"][rows])
@@ -364,8 +374,8 @@ def normalization_bias(
         if real < batch_size:
             t = np.concatenate([t, np.repeat(t[:1], batch_size - real, 0)])
             la = np.concatenate([la, np.repeat(la[:1], batch_size - real, 0)])
-        batch = sharding.shard_batch({"tokens": t, "last": la}, mesh)
-        total.append(np.asarray(score(params, batch["tokens"], batch["last"]))[:real, 0])
+        batch = sharding.put_global({"tokens": t, "last": la}, mesh)  # every host: all rows
+        total.append(sharding.to_host(score(params, batch["tokens"], batch["last"]))[:real, 0])
     return -float(np.concatenate(total).mean())
 
 
@@ -419,9 +429,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     batch_size = int(config.train.batch_size)
     host_rows = sharding.host_batch_slice(batch_size)
     if config.rm.get("pack", False):
-        multiple = max(jax.local_device_count(), 8)
         batcher = PackedRankingBatcher(
-            train_arrays, batch_size, int(config.seed), host_rows, multiple,
+            train_arrays, batch_size, int(config.seed), host_rows, sharding.batch_shards(run.mesh),
             row_len=int(config.rm.get("row_len", 0)),
             share_prompt=bool(config.rm.get("share_prompt", True)),
         )  # fmt: skip

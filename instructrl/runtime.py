@@ -97,8 +97,26 @@ def die_with_parent() -> None:
         pass
 
 
-def configure(compile_cache: str | None = DEFAULT_CACHE) -> None:
-    """Every process-level setting above, and JAX's partitionable random keys."""
-    tune_host_allocator()
+def release_memory() -> None:
+    """Drop JAX's compiled functions and give the heap's free memory back to the OS (glibc
+    ``malloc_trim``): a long-lived process (a test worker) before it starts memory-hungry
+    child processes."""
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def configure(compile_cache: str | None = DEFAULT_CACHE, keep_heap: bool = True) -> None:
+    """Every process-level setting above (``keep_heap``: the host allocator's), and JAX's
+    partitionable random keys."""
+    if keep_heap:
+        tune_host_allocator()
     use_compile_cache(compile_cache)
     jax.config.update("jax_threefry_partitionable", True)

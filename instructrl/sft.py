@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from instructrl import losses
+from instructrl import losses, sharding
 from instructrl.data import files, formats, sources
 from instructrl.data import lm as lm_data
 from instructrl.data import pipeline as data_pipeline
@@ -120,7 +120,7 @@ def run(config, workdir: str):
             packing=bool(config.data.get("packing", False)),
             length_buckets=list(config.data.get("length_buckets", [])),
             pack_batches=bool(config.data.get("pack_batches", False)),
-            rows_multiple=jax.local_device_count(),
+            shards=sharding.batch_shards(run.mesh),
             pad_id=run.tokenizer.pad_id,
         )
     )

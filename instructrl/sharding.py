@@ -128,6 +128,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split: the size of the mesh's batch axes."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -153,3 +158,35 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
 
     return jax.tree.map(put, dict(batch))
+
+
+def put_global(tree: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """Global arrays from host arrays that every process holds whole (evaluation data,
+    a rollout every host gathered): each process places only its own devices' slices, so on
+    many hosts each one computes on its share of the rows. ``specs``: a tree of
+    PartitionSpecs like ``tree`` (default: every leaf's rows over the batch axes)."""
+
+    def put(value, spec):
+        value = np.asarray(value)
+        target = batch_sharding(mesh, value.ndim) if spec is None else NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+    leaves, treedef = jax.tree.flatten(tree)
+    if specs is None:
+        spec_leaves = [None] * len(leaves)
+    else:
+        spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return treedef.unflatten([put(v, s) for v, s in zip(leaves, spec_leaves, strict=True)])
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of (possibly global) arrays, whole on every process: one process reads
+    its devices; many gather the shards the others hold (``process_allgather``)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

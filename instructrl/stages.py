@@ -95,7 +95,7 @@ def wire_report(c, dirs, config) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("world", _world, (), trains=False),
+    Stage("world", _world, (), trains=False, every_process=False),
     Stage("pretrain", sft.run, ("world",), wire_pretrain),
     Stage("sft", sft.run, ("world", "pretrain"), wire_sft),
     Stage("rankings", rankings.run, ("world", "pretrain", "sft"), wire_rankings, trains=False),
@@ -105,6 +105,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", evaluate.run, ("world", "pretrain", "sft", "rm"), wire_evaluate, trains=False
     ),  # fmt: skip
-    Stage("report", report.run, ("rankings", "rm", "evaluate"), wire_report, trains=False),
+    Stage(
+        "report",
+        report.run,
+        ("rankings", "rm", "evaluate"),
+        wire_report,
+        trains=False,
+        every_process=False,
+    ),  # fmt: skip
 )
 BY_NAME = {s.name: s for s in STAGES}

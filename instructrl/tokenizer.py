@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
+from instructrl import fs
+
 
 class Tokenizer:
     """Interface: encode/decode text, and the ids of eos and pad."""
@@ -58,14 +60,14 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
-        path = os.path.expanduser(path)
-        directory = path if os.path.isdir(path) else os.path.dirname(path)
-        json_file = path if path.endswith(".json") and os.path.isfile(path) else None
-        if json_file is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        path = path if fs.is_remote(path) else os.path.expanduser(path)
+        directory = path if fs.isdir(path) else os.path.dirname(path)
+        json_file = path if path.endswith(".json") and fs.isfile(path) else None
+        if json_file is None and fs.isfile(os.path.join(path, "tokenizer.json")):
             json_file = os.path.join(path, "tokenizer.json")
         if json_file is not None:
-            self._tok = tokenizers.Tokenizer.from_file(json_file)
-        elif os.path.isfile(os.path.join(path, "vocab.json")):
+            self._tok = tokenizers.Tokenizer.from_str(fs.read_text(json_file))
+        elif fs.isfile(os.path.join(path, "vocab.json")):  # read from local files only
             self._tok = tokenizers.ByteLevelBPETokenizer.from_file(
                 os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
             )
@@ -74,9 +76,8 @@ class HFTokenizer(Tokenizer):
                 f"tokenizer.path={path!r}: expected tokenizer.json or vocab.json + merges.txt"
             )
         config_file = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                hf_config = json.load(f)
+        if fs.isfile(config_file):
+            hf_config = json.loads(fs.read_text(config_file))
             eos_token = eos_token or _token_text(hf_config.get("eos_token"))
             pad_token = pad_token or _token_text(hf_config.get("pad_token"))
         if not eos_token and self._tok.token_to_id("<|endoftext|>") is not None:

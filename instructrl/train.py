@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from instructrl import checkpoint, convert, evaluators, sharding
+from instructrl import checkpoint, convert, evaluators, fs, sharding
 from instructrl.metrics import (
     MetricWriter,
     Progress,
@@ -76,7 +76,9 @@ class Stage:
       ``section`` names another); run(config, workdir): trains or computes it from its config
       section into its directory; reads: the stages whose outputs it reads; wire(section,
       dirs, config): fills the section's inputs from ``dirs`` ({stage: directory}) and the
-      whole pipeline config.
+      whole pipeline config. On many hosts every process runs a stage (each writing only what
+      is its own: process 0 the files, orbax each host's shards) unless ``every_process`` is
+      off; the pipeline waits for all of them after each stage.
     """
 
     name: str
@@ -88,6 +90,9 @@ class Stage:
     # The stage just before, which this one neither reads nor is read by before both finish:
     # the pipeline may run the two at once, in two processes (configs/pipeline.py parallel).
     concurrent_with: str = ""
+    # On many hosts: whether every process runs it (its jitted steps span every host's
+    # devices), or process 0 alone (host-only work: building the world, writing the report).
+    every_process: bool = True
 
 
 @flax.struct.dataclass
@@ -189,7 +194,7 @@ class Run:
 
     def __init__(self, config, workdir: str, deterministic: bool = False):
         self.config, self.workdir = config, workdir
-        os.makedirs(workdir, exist_ok=True)
+        fs.makedirs(workdir)
         self.tokenizer: Tokenizer = make_tokenizer(config.tokenizer)
         cfg: ModelConfig = model_config(config, self.tokenizer)
         self.model_cfg = dataclasses.replace(cfg, dropout=0.0) if deterministic else cfg
@@ -387,17 +392,16 @@ def _asked(env: str, workdir: str, step: int) -> bool:
     """Whether ``env`` ("<workdir name>:<step>[,...]", the test hooks of the module
     docstring) names this run's directory at ``step``."""
     wanted = {item.strip() for item in os.environ.get(env, "").split(",") if item.strip()}
-    return f"{os.path.basename(os.path.abspath(workdir))}:{step}" in wanted
+    return f"{os.path.basename(fs.absolute(workdir).rstrip('/'))}:{step}" in wanted
 
 
 def _pause_if_asked(workdir: str, step: int, mngr) -> None:
     """The resume tests' kill point (module docstring): after checkpoint ``step`` of a run in
     a directory named as asked, wait for the checkpoint, mark it and sleep until killed."""
     marker = os.path.join(workdir, f"PAUSED_AT_{step}")
-    if _asked(PAUSE_ENV, workdir, step) and not os.path.exists(marker):
+    if _asked(PAUSE_ENV, workdir, step) and not fs.exists(marker):
         mngr.wait_until_finished()
-        with open(marker, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        fs.write_atomic(marker, f"{os.getpid()}\n")
         time.sleep(3600)
 
 
@@ -408,13 +412,8 @@ def _sigterm_if_asked(workdir: str, step: int) -> None:
     """The preemption test's signal (module docstring): SIGTERM to this process after
     ``step`` of a run in a directory named as asked, once."""
     marker = os.path.join(workdir, f"SIGTERM_AT_{step}")
-    if (
-        _asked(SIGTERM_ENV, workdir, step)
-        and not os.path.exists(marker)
-        and jax.process_index() == 0
-    ):
-        with open(marker, "w") as f:
-            f.write(f"{os.getpid()}\n")
+    if _asked(SIGTERM_ENV, workdir, step) and not fs.exists(marker) and jax.process_index() == 0:
+        fs.write_atomic(marker, f"{os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -424,20 +423,30 @@ def write_run_info(workdir: str, config, timers: Timers, **info) -> None:
     if jax.process_index() != 0:
         return
     out = {**info, "seconds": timers.as_dict(), "config": json.loads(config.to_json_best_effort())}
-    path = os.path.join(workdir, "run_info.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    fs.write_atomic(os.path.join(workdir, "run_info.json"), json.dumps(out, indent=2, default=str))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files every process computed alike (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process gets here (after process 0 wrote what the others read next);
+    a no-op in one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def mark_done(workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, DONE), "w") as f:
-            f.write("done\n")
+    if is_main_process():
+        fs.write_atomic(os.path.join(workdir, DONE), "done\n")
 
 
 def is_done(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, DONE))
+    return fs.exists(os.path.join(workdir, DONE))
 
 
 class _Best:
@@ -450,9 +459,8 @@ class _Best:
         self.mngr = checkpoint.manager(self.path, keep=1, async_save=False)
         self.value = None
         record = os.path.join(self.path, "best.json")
-        if self.mngr.latest_step() is not None and os.path.exists(record):
-            with open(record) as f:
-                self.value = json.load(f)["value"]
+        if self.mngr.latest_step() is not None and fs.exists(record):
+            self.value = json.loads(fs.read_text(record))["value"]
 
     def update(self, step: int, results: dict[str, float], state) -> None:
         if self.metric not in results:
@@ -466,8 +474,8 @@ class _Best:
         checkpoint.save(self.mngr, step, {"params": state.params}, force=True)
         self.mngr.wait_until_finished()
         if jax.process_index() == 0:
-            with open(os.path.join(self.path, "best.json"), "w") as f:
-                json.dump({"step": step, "metric": self.metric, "value": value}, f)
+            record = {"step": step, "metric": self.metric, "value": value}
+            fs.write_atomic(os.path.join(self.path, "best.json"), json.dumps(record))
 
     def close(self) -> None:
         self.mngr.close()

@@ -239,7 +239,8 @@ def test_packed_rows_never_attend_across_segments(family):
 @pytest.mark.parametrize("hosts", [1, 2])
 def test_packed_batches_hold_the_unpacked_batches_and_give_their_loss(hosts):
     """``pack_batches``: batch s holds exactly the examples of unpacked batch s, in fewer rows
-    (every host the same count), and the LM step's loss and gradients are the same."""
+    (every host the same count), and the LM step's loss and gradients are the same; its
+    shards are packed alike whether one host or two build them."""
     import functools
 
     import optax
@@ -253,7 +254,9 @@ def test_packed_batches_hold_the_unpacked_batches_and_give_their_loss(hosts):
     examples = _examples(np.random.default_rng(4).integers(3, 12, 48), seed=4)
     kw = dict(batch_size=8, seq_len=32)
     plain = _pipe(examples, **kw)
-    packed = [_pipe(examples, pack_batches=True, process=(p, hosts), **kw) for p in range(hosts)]
+    packed = [_pipe(examples, pack_batches=True, process=(p, hosts), shards=2, **kw)
+              for p in range(hosts)]  # fmt: skip
+    one_host = _pipe(examples, pack_batches=True, shards=2, **kw)
     cfg = preset("tiny", vocab_size=256, dropout=0.0)
     model = Transformer(cfg, head="lm")
     tx = optax.sgd(0.1)
@@ -264,6 +267,7 @@ def test_packed_batches_hold_the_unpacked_batches_and_give_their_loss(hosts):
         parts = [p.batch(s) for p in packed]
         assert len({len(b["inputs"]) for b in parts}) == 1  # one row count on every host
         batch = jax.tree.map(lambda *x: np.concatenate(x), *parts)
+        jax.tree.map(np.testing.assert_array_equal, batch, one_host.batch(s))
         want = plain.batch(s)
         fewer += len(batch["inputs"]) < len(want["inputs"])
         got_targets = np.sort(batch["targets"][batch["loss_mask"] > 0])

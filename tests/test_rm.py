@@ -58,7 +58,7 @@ def test_packed_batches_give_the_padded_rewards():
     mask = arrays["mask"][rows]
     responses = int(mask.sum())
     for share in (False, True):
-        batcher = rm.PackedRankingBatcher(arrays, 12, seed=0, rows_multiple=8, share_prompt=share)
+        batcher = rm.PackedRankingBatcher(arrays, 12, seed=0, share_prompt=share)
         batch = batcher.batch(0)
         assert batch["tokens"].shape[0] % 8 == 0 and batch["tokens"].shape[0] < 12 * 5
         # Each response once, each prompt once per piece: per response, or per ranking and row.
@@ -80,6 +80,13 @@ def test_packed_batches_give_the_padded_rewards():
             padded = {"tokens": arrays["tokens"][rows], "last": arrays["last"][rows]}
             want = np.asarray(rm.batch_rewards(model, params, padded, rules))
             np.testing.assert_allclose(packed[mask], want[mask], atol=1e-5)
+    # Over 2 shards, two hosts (each its own shard) build the one host's global batch.
+    one = rm.PackedRankingBatcher(arrays, 12, seed=0, shards=2).batch(0)
+    two = [rm.PackedRankingBatcher(arrays, 12, 0, slice(6 * h, 6 * h + 6), 2).batch(0)
+           for h in (0, 1)]  # fmt: skip
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.tree.map(lambda *x: np.concatenate(x), *two), one
+    )
 
 
 def _world_rankings(world, n, labelers, seed):

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 
+from instructrl import fs
 from instructrl.data.errors import DataError
 
 Record = tuple[str, object]  # (where: "file:line" or "file: record n", the decoded record)
@@ -24,9 +25,9 @@ def read_records(path: str, split: str | None = None, data_dir: str | None = Non
         return _hf_hub(path[3:], split)
     if path.startswith("tfds:"):
         return _tfds(path[5:], split, data_dir)
-    if os.path.isdir(path):
+    if fs.isdir(path):
         return _hf_dataset(path, _load_from_disk(path, split))
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith((".parquet", ".arrow", ".feather", ".csv")):
@@ -36,8 +37,8 @@ def read_records(path: str, split: str | None = None, data_dir: str | None = Non
 
 def _open_text(path: str):
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(fs.open(path, "rb"), "rt", encoding="utf-8")
+    return fs.open(path)
 
 
 def json_records(path: str) -> Iterator[Record]:
@@ -123,7 +124,7 @@ def read_text(paths) -> list[str]:
     """The contents of plain text files (gzip when the name ends in .gz)."""
     out = []
     for path in [paths] if isinstance(paths, str) else paths:
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise FileNotFoundError(f"text file not found: {path}")
         with _open_text(path) as f:
             out.append(f.read())

@@ -149,9 +149,13 @@ class LMPipeline:
       seed: shuffling seed; epoch e uses Grain's (seed + e) permutation of the rows.
       packing: pack several examples per row, with segment_ids and positions.
       pack_batches: each batch holds the B examples it would hold unpacked, packed into as
-        few rows of T as first fit gives, the row count rounded up to B / 4, B / 2 or B (and
-        to a multiple of ``rows_multiple``, a host's devices; three shapes compile): the same
-        examples, the same per-token loss, about the tokens they really have.
+        few rows of T as first fit gives: the same examples, the same per-token loss, about the
+        tokens they really have. The batch's rows are split over ``shards`` devices (the
+        mesh's batch axes); each shard's B / shards examples are packed into its own rows,
+        every shard padded to one row count (B / 4, B / 2 or B per shard: three shapes
+        compile), so the global batch is the same whether one process feeds it or many.
+      shards: the devices the rows are split over (``sharding.batch_shards``); a multiple of
+        the host count.
       length_buckets: pad unpacked batches to the smallest bucket that holds their longest
         row (few shapes, few compilations); empty: always T.
       pad_id: the tokenizer's padding id.
@@ -168,7 +172,7 @@ class LMPipeline:
         packing: bool = False,
         length_buckets: Sequence[int] = (),
         pack_batches: bool = False,
-        rows_multiple: int = 1,
+        shards: int = 1,
         pad_id: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -182,7 +186,12 @@ class LMPipeline:
         self.examples, self.seq_len, self.seed = examples, int(seq_len), int(seed)
         self.packing, self.pad_id = bool(packing), int(pad_id)
         self.pack_batches = bool(pack_batches) and not self.packing
-        self.rows_multiple = int(rows_multiple)
+        self.shards = int(shards)
+        if self.pack_batches and (batch_size % self.shards or self.shards % process_count):
+            raise ValueError(
+                f"pack_batches: batch size {batch_size} over {self.shards} shards on "
+                f"{process_count} hosts: each must divide the one before"
+            )
         self.buckets = sorted({int(b) for b in length_buckets if int(b) < seq_len} | {seq_len})
         if packing:
             rows = pack_rows(examples.lengths, seq_len, seed)
@@ -219,13 +228,15 @@ class LMPipeline:
         return [self.rows[first + j] for j in range(self.per_host)]
 
     def _packed_rows(self, step: int) -> list[list[int]]:
-        """This host's examples of batch ``step`` packed into rows (``pack_batches``); every
-        host pads to the row count the fullest host needs."""
+        """This host's examples of batch ``step`` packed into rows (``pack_batches``): each of
+        its shards' examples first fit into that shard's rows, every shard padded to the row
+        count the fullest shard of the batch needs."""
         lengths = self.examples.lengths
+        per_shard = self.batch_size // self.shards
         packs = []
-        for host in range(self.process_count):
-            first = step * self.batch_size + host * self.per_host
-            examples = [i for j in range(self.per_host) for i in self.rows[first + j]]
+        for shard in range(self.shards):
+            first = step * self.batch_size + shard * per_shard
+            examples = [i for j in range(per_shard) for i in self.rows[first + j]]
             rows, room = [], []
             for i in sorted(examples, key=lambda i: (-int(lengths[i]), i)):
                 slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
@@ -237,13 +248,14 @@ class LMPipeline:
             packs.append(rows)
         most = max(len(rows) for rows in packs)
         count = next(c for c in self._row_counts() if c >= most)
-        mine = packs[self.host_offset // self.per_host]
-        return mine + [[] for _ in range(count - len(mine))]
+        first = self.host_offset // per_shard
+        mine = packs[first : first + self.per_host // per_shard]
+        return [row for rows in mine for row in rows + [[] for _ in range(count - len(rows))]]
 
     def _row_counts(self) -> list[int]:
-        """B / 4, B / 2 and B rows per host, rounded up to ``rows_multiple`` (its devices)."""
-        m = self.rows_multiple
-        return sorted({-(-max(self.per_host // d, 1) // m) * m for d in (4, 2, 1)})
+        """B / 4, B / 2 and B rows per shard (at least one)."""
+        per_shard = self.batch_size // self.shards
+        return sorted({max(per_shard // d, 1) for d in (4, 2, 1)})
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's rows of global batch ``step`` (random access, no iterator state)."""

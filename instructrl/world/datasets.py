@@ -35,6 +35,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from instructrl import fs
 from instructrl.world.seeding import as_rng
 
 PAPER_PROMPT_COUNTS = {"sft": 12725, "rm": 33207, "ppo": 31144}
@@ -45,17 +46,13 @@ SampleFn = Callable[[list[dict], list[int]], list[list[str]]]
 
 def write_jsonl(path: str, records) -> int:
     """Writes records (dicts) one per line; returns the count."""
-    count = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    fs.write_atomic(path, "".join(lines))
+    return len(lines)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 def prompt_record(record: dict) -> dict:
@@ -129,7 +126,7 @@ def train_tokenizer(documents: list[str], vocab_size: int, path: str) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer=trainer)
-    tok.save(path)
+    fs.write_atomic(path, tok.to_str())
 
 
 def build_all(
@@ -137,15 +134,14 @@ def build_all(
 ) -> dict:
     """Writes every dataset of the module docstring to ``out_dir``; returns the manifest."""
     start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     c = world.config
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     counts = {}
 
     docs = world.pretraining_corpus(c.num_pretrain_docs)
     counts["pretrain.jsonl"] = write_jsonl(path("pretrain.jsonl"), ({"text": d} for d in docs))
-    with open(path("pretrain.txt"), "w", encoding="utf-8") as f:
-        f.write("\n\n".join(docs) + "\n")
+    fs.write_atomic(path("pretrain.txt"), "\n\n".join(docs) + "\n")
 
     prompts = {
         split: world.sample_prompts(n, prefix=split)
@@ -176,21 +172,13 @@ def build_all(
 
     if tokenizer:
         train_tokenizer(docs, c.vocab_size, path("tokenizer.json"))
-        with open(path("tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"eos_token": "<|endoftext|>"}, f)
-    with open(path("world.json"), "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "config": dataclasses.asdict(c),
-                "knowledge": world.kb.to_dict(),
-                "labelers": pool.profiles(),
-            },
-            f,
-            indent=1,
-        )
+        fs.write_atomic(path("tokenizer_config.json"), json.dumps({"eos_token": "<|endoftext|>"}))
+    described = {"config": dataclasses.asdict(c), "knowledge": world.kb.to_dict(),
+                 "labelers": pool.profiles()}  # fmt: skip
+    fs.write_atomic(path("world.json"), json.dumps(described, indent=1))
     manifest = {"seed": c.seed, "counts": counts}
-    with open(path("manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)  # no timings: the files are a function of the seed
+    # No timings: the files are a function of the seed.
+    fs.write_atomic(path("manifest.json"), json.dumps(manifest, indent=1))
     return {**manifest, "seconds": round(time.time() - start, 2)}
 
 

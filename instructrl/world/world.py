@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from instructrl import fs
 from instructrl.world import corpus, families_closed, families_open, heldout, lexicon, tasks
 from instructrl.world.knowledge import QUESTIONS, Fact, KnowledgeBase
 from instructrl.world.labelers import LabelerPool
@@ -132,10 +133,9 @@ class World:
     def from_dir(cls, directory: str) -> World:
         """The world whose files ``build_all`` wrote to ``directory`` (its world.json)."""
         path = os.path.join(directory, "world.json")
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise FileNotFoundError(f"{directory}: not a world directory (no world.json)")
-        with open(path, encoding="utf-8") as f:
-            fields = dict(json.load(f)["config"])
+        fields = dict(json.loads(fs.read_text(path))["config"])
         for name, value in fields.items():  # JSON lists back to the config's tuples
             if isinstance(value, list):
                 fields[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
