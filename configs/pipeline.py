@@ -98,6 +98,16 @@ def get_config(arg=None):
     c.rm.optimizer.lr = 3e-4
     c.rm.checkpoint.every_steps = 40
 
+    # DPO on the RM's rankings from SFT (an optional stage: add "dpo" to ``stages`` before
+    # "evaluate"; experiments/methods).
+    c.dpo = _stage("dpo")
+    c.dpo.train.epochs = 1.0
+    c.dpo.train.batch_size = 16
+    c.dpo.data.seq_len = 160
+    c.dpo.optimizer.lr = 1e-4
+    c.dpo.dpo.beta = 0.1
+    c.dpo.checkpoint.every_steps = 40
+
     # Both RL stages: PPO (ptx.coef 0) and PPO-ptx (ptx.coef = ptx_coef).
     c.rl = _stage("ppo", "world")
     del c.rl.ptx["coef"]
@@ -155,6 +165,7 @@ def get_config(arg=None):
         c.sft.train.batch_size, c.sft.data.eval_examples = 8, 8
         c.rankings.update(valid_prompts=8, max_new_tokens=16, max_responses=5)
         c.rm.train.batch_size = 8
+        c.dpo.train.batch_size = 8
         c.rl.ppo.iterations = 2
         c.rl.ppo.batch_size = 8
         c.rl.ppo.max_new_tokens = 16

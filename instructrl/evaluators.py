@@ -24,10 +24,10 @@ from flax import linen as nn
 
 from instructrl import fs, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
+from instructrl.data.comparisons import GROUPS
 from instructrl.world import gold_scorer
 
 REGISTRY: dict[str, Callable[..., Any]] = {}
-GROUPS = {"train": 0, "heldout": 1}  # labeler groups of ranking rows (rm.encode_rankings)
 
 
 def register(name: str):
@@ -137,27 +137,36 @@ class RankingAccuracy:
 
     def __init__(self, context, batch_size: int = 16, prefix: str = "eval"):
         self.ctx, self.batch_size, self.prefix = context, batch_size, prefix
-        model, rules = context["model"], context["rules"]
+        self._stats = jax.jit(self._pairs)
 
-        @jax.jit
-        def stats(params, batch):
-            rewards = scoring.rewards_at_last(model, params, batch["tokens"], batch["last"], rules)
-            better = batch["ranks"][:, :, None] < batch["ranks"][:, None, :]
-            m = batch["mask"]
-            pairs = better & m[:, :, None] & m[:, None, :]
-            margin = rewards[:, :, None] - rewards[:, None, :]
-            return rewards, pairs, margin
+    def rewards(self, params, batch, *frozen) -> jax.Array:
+        """(B, K) rewards of a padded ranking batch (tokens (B, K, T), last, prompt)."""
+        ctx = self.ctx
+        return scoring.rewards_at_last(
+            ctx["model"], params, batch["tokens"], batch["last"], ctx["rules"]
+        )
 
-        self._stats = stats
+    def frozen(self) -> tuple:
+        """Arrays ``rewards`` reads besides the evaluated params (none for a reward model)."""
+        return ()
+
+    def _pairs(self, params, batch, *frozen):
+        rewards = self.rewards(params, batch, *frozen)
+        better = batch["ranks"][:, :, None] < batch["ranks"][:, None, :]
+        m = batch["mask"]
+        pairs = better & m[:, :, None] & m[:, None, :]
+        margin = rewards[:, :, None] - rewards[:, None, :]
+        return rewards, pairs, margin
 
     def run(self, state):
         pair_correct, pair_logloss, pair_group, rewards_all = [], [], [], []
+        frozen = self.frozen()
         for real, rows in padded_chunks(self.ctx["eval_arrays"], self.batch_size):
             batch = sharding.put_global(
                 {k: v for k, v in rows.items() if k != "group"}, self.ctx["mesh"]
             )
             rewards, pairs, margin = (
-                x[:real] for x in sharding.to_host(self._stats(state.params, batch))
+                x[:real] for x in sharding.to_host(self._stats(state.params, batch, *frozen))
             )
             for i in range(real):
                 sel = pairs[i]

@@ -76,6 +76,76 @@ def ranking_loss(
     return loss, metrics
 
 
+def plackett_luce_loss(
+    rewards: jax.Array, ranks: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The listwise loss of a K-way ranking: -log of its Plackett-Luce likelihood (Plackett
+    1975; Luce 1959; the DPO paper's appendix A.3 uses it with implicit rewards).
+
+    Each response i that some response is ranked strictly below contributes
+    -log(exp(r_i) / (exp(r_i) + sum over j ranked strictly worse than i of exp(r_j))): the
+    probability that i is chosen first among itself and everything it beats. Tied responses
+    are never in each other's denominator (no comparison between them, as ``ranking_loss``
+    makes no pair of a tie); without ties this is exactly the Plackett-Luce likelihood of the
+    order (the last response's term is log 1). Per prompt the mean over its terms, then the
+    mean over prompts with at least one term.
+
+    rewards: (B, K); ranks: (B, K) int, 0 = best; mask: (B, K) bool. Returns (loss, metrics):
+    accuracy (pairwise, as ``ranking_loss``), num_terms, num_prompts.
+    """
+    rewards = rewards.astype(jnp.float32)
+    mask = mask.astype(bool)
+    worse = (ranks[:, None, :] > ranks[:, :, None]) & mask[:, :, None] & mask[:, None, :]
+    pool = worse | jnp.eye(rewards.shape[1], dtype=bool)[None]  # (B, K, K): i and what it beats
+    logits = jnp.where(pool, rewards[:, None, :], -jnp.inf)
+    terms = jax.nn.logsumexp(logits, axis=-1) - rewards  # (B, K): -log P(i first in its pool)
+    has_term = worse.any(-1) & mask
+    per_prompt_terms = has_term.sum(-1).astype(jnp.float32)
+    per_prompt = jnp.where(has_term, terms, 0.0).sum(-1) / jnp.maximum(per_prompt_terms, 1.0)
+    has_prompt = (per_prompt_terms > 0).astype(jnp.float32)
+    num_prompts = has_prompt.sum()
+    loss = (per_prompt * has_prompt).sum() / jnp.maximum(num_prompts, 1.0)
+    margin = rewards[:, :, None] - rewards[:, None, :]
+    correct = ((margin > 0) & worse).astype(jnp.float32).sum()
+    metrics = {
+        "accuracy": correct / jnp.maximum(worse.astype(jnp.float32).sum(), 1.0),
+        "num_terms": per_prompt_terms.sum(),
+        "num_prompts": num_prompts,
+    }
+    return loss, metrics
+
+
+def dpo_loss(
+    logprobs: jax.Array,
+    ref_logprobs: jax.Array,
+    ranks: jax.Array,
+    mask: jax.Array,
+    beta: float,
+    listwise: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO (Rafailov et al. 2023) on K-way rankings: the implicit reward of a response is
+    beta * (log pi(y|x) - log pi_ref(y|x)), summed over its tokens, and it enters eq. (1) in
+    place of the reward model's (every C(K,2) pair of a prompt, ``ranking_loss``) or, with
+    ``listwise``, the Plackett-Luce loss of the whole ranking (``plackett_luce_loss``). With
+    K = 2 both are DPO's -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)).
+
+    logprobs, ref_logprobs: (B, K) sequence log-probs; ranks, mask: (B, K).
+    Returns (loss, metrics): the chosen loss's metrics, the implicit rewards' mean and the
+    mean log-ratio of real responses (an estimate of KL(pi || pi_ref) on the data's responses
+    only when they come from pi).
+    """
+    log_ratio = (logprobs - ref_logprobs).astype(jnp.float32)
+    rewards = beta * log_ratio
+    if listwise:
+        loss, metrics = plackett_luce_loss(rewards, ranks, mask)
+    else:
+        loss, metrics = ranking_loss(rewards, ranks, mask)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("reward_")}
+    metrics["reward_mean"] = masked_mean(rewards, mask)
+    metrics["log_ratio"] = masked_mean(log_ratio, mask)
+    return loss, metrics
+
+
 # --- PPO (paper eq. 2; Ziegler et al. 2019; Schulman et al. 2017) ------------------------------
 
 

@@ -26,12 +26,13 @@ import jax
 import ml_collections
 
 from instructrl import config_lib, fs, preemption, runtime
-from instructrl.stages import BY_NAME, STAGES, world_section
+from instructrl.stages import BY_NAME, OPTIONAL, STAGES, world_section
 from instructrl.train import is_done, is_main_process, mark_done, sync_processes
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = tuple(s.name for s in STAGES)
+STAGE_NAMES = tuple(s.name for s in STAGES)  # the default pipeline, in order
+OPTIONAL_NAMES = tuple(s.name for s in OPTIONAL)
 SHARED_MODEL_FIELDS = ("preset", "max_len", "matmul_dtype")
 
 
@@ -42,9 +43,10 @@ def resolve(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
     unknown = [s for s in c.stages if s not in BY_NAME]
     if unknown:
         name = unknown[0]
+        known = STAGE_NAMES + OPTIONAL_NAMES
         raise config_lib.ConfigError(
-            f"config.stages: unknown stage {name!r}{config_lib.nearest(name, STAGE_NAMES)}; "
-            f"stages: {', '.join(STAGE_NAMES)}"
+            f"config.stages: unknown stage {name!r}{config_lib.nearest(name, known)}; "
+            f"stages: {', '.join(STAGE_NAMES)}; optional: {', '.join(OPTIONAL_NAMES)}"
         )
     if "coef" in c.rl.get("ptx", {}):
         raise config_lib.ConfigError(

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 
-from instructrl import evaluate, ppo, rankings, report, rm, sft
+from instructrl import dpo, evaluate, ppo, rankings, report, rm, sft
 from instructrl.train import Stage
 from instructrl.world import World
 from instructrl.world.datasets import build_all
 
 # A stage config's ``stage`` field -> the module that trains it (``instructrl train``).
-TRAINERS = {"pretrain": sft.run, "sft": sft.run, "rm": rm.run, "ppo": ppo.run}
+TRAINERS = {"pretrain": sft.run, "sft": sft.run, "rm": rm.run, "ppo": ppo.run, "dpo": dpo.run}
 
 
 def world_section(config) -> dict:
@@ -57,7 +57,8 @@ def wire_rankings(c, dirs, config) -> None:
     c.world = world_section(config)
 
 
-def wire_rm(c, dirs, config) -> None:
+def _rankings(c, dirs, config) -> None:
+    """The comparison data a stage learns from (RM, DPO), validated by labeler group."""
     _tokenizer(c, dirs)
     c.data.path = os.path.join(dirs["rankings"], "rankings_train.jsonl")
     c.data.eval_paths = [
@@ -65,8 +66,12 @@ def wire_rm(c, dirs, config) -> None:
         os.path.join(dirs["rankings"], "rankings_valid_heldout_labelers.jsonl"),
     ]
     c.data.heldout_labelers = [lab.labeler_id for lab in build_world(config).labelers.heldout]
-    c.rm.normalize_with = os.path.join(dirs["world"], "sft_train.jsonl")
     c.init_from = c.init_from or dirs["sft"]
+
+
+def wire_rm(c, dirs, config) -> None:
+    _rankings(c, dirs, config)
+    c.rm.normalize_with = os.path.join(dirs["world"], "sft_train.jsonl")
 
 
 def wire_rl(c, dirs, config) -> None:
@@ -78,9 +83,10 @@ def wire_rl(c, dirs, config) -> None:
     c.ptx.text_files = [os.path.join(dirs["world"], "pretrain.txt")]
 
 
-# The models the evaluation compares: {name: the stage whose params it uses}.
+# The models the evaluation compares: {name: the stage whose params it uses}, when that stage
+# is in the pipeline's list.
 EVALUATED = {"base": "pretrain", "base_fewshot": "pretrain", "sft": "sft", "ppo": "ppo",
-             "ppo_ptx": "ppo_ptx"}  # fmt: skip
+             "ppo_ptx": "ppo_ptx", "dpo": "dpo"}  # fmt: skip
 
 
 def wire_evaluate(c, dirs, config) -> None:
@@ -114,4 +120,7 @@ STAGES: tuple[Stage, ...] = (
         every_process=False,
     ),  # fmt: skip
 )
-BY_NAME = {s.name: s for s in STAGES}
+# Stages a pipeline runs only when its ``stages`` list names them (before ``evaluate``, which
+# then compares their policies too): the methods beyond the paper.
+OPTIONAL: tuple[Stage, ...] = (Stage("dpo", dpo.run, ("world", "sft", "rankings"), _rankings),)
+BY_NAME = {s.name: s for s in STAGES + OPTIONAL}

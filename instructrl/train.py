@@ -143,12 +143,14 @@ def lazy_state(init_fn: Callable, mesh, rules, *args) -> tuple[Callable, Any, An
     return initial, shardings, abstract
 
 
-def jit_train_step(step_fn: Callable, shardings, batch_shardings, mesh):
-    """``step_fn(state, batch, rng)`` jitted as every stage runs it: explicit shardings, the
-    state donated, metrics replicated. ``instructrl compile`` lowers this same function."""
+def jit_train_step(step_fn: Callable, shardings, batch_shardings, mesh, frozen_shardings=()):
+    """``step_fn(state, batch, rng, *frozen)`` jitted as every stage runs it: explicit
+    shardings, the state donated, metrics replicated. ``frozen``: arrays the step reads and
+    never updates (DPO's reference policy), arguments rather than constants baked into the
+    executable. ``instructrl compile`` lowers this same function."""
     return jax.jit(
         step_fn,
-        in_shardings=(shardings, batch_shardings, sharding.replicated(mesh)),
+        in_shardings=(shardings, batch_shardings, sharding.replicated(mesh), *frozen_shardings),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -233,13 +235,16 @@ class Run:
         jit_step: bool = True,
         tokens_per_step: Callable[[dict], int] | None = None,
         schedule: Callable | None = None,
+        frozen: tuple = (),
     ):
         """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
 
         initial: builds the fresh state (``lazy_state``), called only when no checkpoint
         restores; ``init_from(initial)`` returns the state a run starts from another stage
         with (it calls ``initial()`` only for values it keeps, such as a new head).
-        ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric."""
+        ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric.
+        ``frozen``: arrays passed to every step after the rng (``jit_train_step``), placed on
+        their own shardings."""
         if schedule is not None:
             step_fn = with_lr(step_fn, schedule)
         config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers
@@ -269,7 +274,8 @@ class Run:
         if jit_step:
             example = batcher.batch(start)
             batch_shardings = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), example)
-            jstep = jit_train_step(step_fn, shardings, batch_shardings, mesh)
+            frozen_shardings = jax.tree.map(lambda v: v.sharding, frozen)
+            jstep = jit_train_step(step_fn, shardings, batch_shardings, mesh, frozen_shardings)
         context = {**(eval_context or {}), "workdir": workdir, "mesh": mesh, "rules": self.rules}
         context.setdefault("tokenizer", self.tokenizer)
         context.setdefault("config", config)
@@ -309,7 +315,7 @@ class Run:
                     batch = sharding.shard_batch(host_batch, mesh)
                 first = step == start
                 with timers.time("compile_and_first_step" if first else "device_step"):
-                    state, metrics = jstep(state, batch, rng)
+                    state, metrics = jstep(state, batch, rng, *frozen)
                     jax.block_until_ready(metrics)  # honest step timings; no overlap is lost
                 for key in [k for k in metrics if k.startswith("time/")]:
                     timers.add(key[5:], metrics.pop(key))  # a stage's own phase timings
@@ -378,8 +384,8 @@ class Run:
 def with_lr(step_fn, schedule):
     """``step_fn`` with the learning rate of the update it made as an ``lr`` metric."""
 
-    def step(state, batch, rng):
-        state, metrics = step_fn(state, batch, rng)
+    def step(state, batch, rng, *frozen):
+        state, metrics = step_fn(state, batch, rng, *frozen)
         return state, {**metrics, "lr": schedule(state.step - 1)}
 
     return step

@@ -23,9 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
-# Modules that share the session's pipeline run (``pipeline_run``) go to one pytest-xdist
-# worker, so that it is computed once: ``--dist loadfile`` with these files as one scope.
-PIPELINE_MODULES = ("tests/test_pipeline.py", "tests/test_multihost.py")
+# Modules that share a session fixture go to one pytest-xdist worker, so that it is computed
+# once: ``--dist loadfile`` with each group's files as one scope. The session's pipeline run
+# (``pipeline_run``) and the toy task's SFT and RM (``toy``).
+SHARED_SCOPES = {
+    "tests/test_pipeline.py": "pipeline",
+    "tests/test_multihost.py": "pipeline",
+    "tests/test_ppo.py": "toy",
+    "tests/test_dpo.py": "toy",
+}
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -34,7 +40,7 @@ def pytest_xdist_make_scheduler(config, log):
     class Scheduling(LoadFileScheduling):
         def _split_scope(self, nodeid):
             scope = super()._split_scope(nodeid)
-            return "pipeline" if scope in PIPELINE_MODULES else scope
+            return SHARED_SCOPES.get(scope, scope)
 
     return Scheduling(config, log)
 
@@ -92,3 +98,12 @@ def pipeline_run(tmp_path_factory):
     stamps = {s: os.path.getmtime(os.path.join(workdir, s, "DONE")) for s in first}
     second = pipeline.run(config, workdir)
     return config, workdir, stamps, second
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """(root, ppo_config) of the toy task (tests/toy_task.py): its SFT and RM, trained once."""
+    import toy_task
+
+    root = tmp_path_factory.mktemp("toy")
+    return root, toy_task.build(root)

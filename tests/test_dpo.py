@@ -1,0 +1,158 @@
+"""DPO: packed response log-probs against each sequence alone, and learning on the toy task
+(tests/toy_task.py: more 'a' than 'b' is better) from its SFT policy and rankings, pairwise
+and listwise; a preempted run resumes to the uninterrupted run's params."""
+
+import json
+import os
+import sys
+import threading
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from instructrl import dpo, sharding
+from instructrl.data.comparisons import PackedRankingBatcher, encode_rankings
+from instructrl.model import Transformer
+from instructrl.policy_io import Toolkit
+from instructrl.preemption import Preempted
+from instructrl.presets import preset
+from instructrl.tokenizer import ByteTokenizer
+from instructrl.train import SIGTERM_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+def _reference_logprobs(model, params, arrays):
+    """{(row, k): float64 sum of log p(token s | tokens before s) over s from the prompt's end
+    through EOS}, each response with its prompt as one sequence of its own."""
+    keys = [
+        (row, k) for row in range(len(arrays["mask"])) for k in np.flatnonzero(arrays["mask"][row])
+    ]
+    tokens = np.stack([arrays["tokens"][row, k] for row, k in keys])  # right-padded, causal
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, tokens), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)
+    out = {}
+    for (row, k), lp, ids in zip(keys, logp, tokens, strict=True):
+        span = range(int(arrays["prompt"][row, k]), int(arrays["last"][row, k]) + 1)
+        out[row, k] = sum(lp[s - 1, ids[s]] for s in span)
+    return out
+
+
+def test_packed_response_logprobs_equal_each_sequence_alone():
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    rankings = []
+    for i in range(8):
+        k = int(rng.integers(2, 5))
+        responses = ["xy"[i % 2] * int(rng.integers(1, 20)) for _ in range(k)]
+        rankings.append({"prompt": f"p{i}" * int(rng.integers(1, 4)), "responses": responses,
+                         "ranks": list(range(k))})  # fmt: skip
+    arrays, _ = encode_rankings(tok, rankings, 40, "{prompt}|", 4)
+    arrays.pop("group")
+    model = Transformer(preset("llama-tiny", vocab_size=384), head="lm")
+    params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    rules = sharding.LOGICAL_RULES
+    want = _reference_logprobs(model, params, arrays)
+    for share, shards in ((True, 1), (False, 1), (True, 2)):
+        batcher = PackedRankingBatcher(arrays, 8, 0, shards=shards, share_prompt=share,
+                                       response_tokens=24)  # fmt: skip
+        rows = batcher.global_rows(0)
+        batch = batcher.batch(0)
+        chex.assert_shape([batch["before"], batch["targets"], batch["target_mask"]], (8, 4, 24))
+        got = np.asarray(
+            jax.jit(dpo.sequence_logprobs, static_argnums=(0, 3))(model, params, batch, rules)
+        )
+        padded = {k: arrays[k][rows] for k in ("tokens", "prompt", "last")}
+        also = np.asarray(dpo.padded_sequence_logprobs(model, params, padded, rules))
+        for i, row in enumerate(rows):
+            for k in np.flatnonzero(arrays["mask"][row]):
+                reference = want[row, k]
+                np.testing.assert_allclose(got[i, k], reference, rtol=1e-4, err_msg=f"{share} {k}")
+                np.testing.assert_allclose(also[i, k], reference, rtol=1e-4)
+        # Response tokens: each response's own, through its EOS.
+        assert int(batch["target_mask"].sum()) == int(
+            (arrays["last"] + 1 - arrays["prompt"])[rows][arrays["mask"][rows]].sum()
+        )
+
+
+def _config(root, loss, **overrides):
+    import dpo as dpo_config  # configs/dpo.py
+
+    c = dpo_config.get_config(f"runlocal,loss={loss}").unlock()
+    c.init_from = str(root / "sft")
+    c.data.path = str(root / "rankings_train.jsonl")
+    c.data.eval_paths = [str(root / "rankings_valid.jsonl")]
+    c.data.seq_len, c.train.progress = 32, False
+    c.optimizer.lr, c.dpo.beta = 1e-3, 0.1
+    c.checkpoint.every_steps = 10
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = c
+        for name in parents:
+            node = node[name]
+        node[last] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(toy):
+    root, _ = toy
+    out = {}
+    for loss in dpo.LOSSES:
+        workdir = str(root / f"dpo_{loss}")
+        dpo.run(_config(root, loss), workdir)
+        out[loss] = workdir
+    return root, out
+
+
+def _rows(workdir):
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in rows]
+
+
+@pytest.mark.parametrize("loss", dpo.LOSSES)
+def test_dpo_raises_the_rm_and_gold_scores_of_its_samples_over_sft(trained, loss):
+    import toy_task
+
+    root, workdirs = trained
+    workdir = workdirs[loss]
+    rows = _rows(workdir)
+    train = [r for r in rows if "dpo/loss" in r]
+    assert train[-1]["dpo/loss"] < train[0]["dpo/loss"] - 0.05, (train[0], train[-1])
+    assert [r for r in rows if "eval/accuracy" in r][-1]["eval/accuracy"] > 0.7
+    tk = Toolkit.from_workdir(workdir)
+    rm_params = tk.params(str(root / "rm"), head="scalar")
+    prompts = toy_task.PROMPTS * 16
+    measured = {}
+    for name, source in (("sft", str(root / "sft")), ("dpo", workdir)):
+        batch = tk.sample(tk.params(source), prompts, max_new_tokens=16, template="{prompt}\n\n")
+        measured[name] = (
+            toy_task.frac_a(batch.texts),
+            float(tk.rm_scores(rm_params, batch).mean()),
+        )
+    print(loss, "frac_a, rm score:", measured)
+    (gold_sft, rm_sft), (gold_dpo, rm_dpo) = measured["sft"], measured["dpo"]
+    assert gold_dpo > gold_sft + 0.1
+    assert rm_dpo > rm_sft + 0.3
+
+
+def test_preempted_dpo_resumes_to_the_uninterrupted_params(trained, monkeypatch):
+    assert threading.current_thread() is threading.main_thread()  # the SIGTERM handler's
+    root, workdirs = trained
+    workdir = str(root / "dpo_resume")
+    monkeypatch.setenv(SIGTERM_ENV, "dpo_resume:13")  # after a step no schedule saves
+    with pytest.raises(Preempted):
+        dpo.run(_config(root, "pairwise"), workdir)
+    dpo.run(_config(root, "pairwise"), workdir)
+    with open(os.path.join(workdir, "run_info.json")) as f:
+        assert json.load(f)["resumed_from"] == 13
+    tk = Toolkit.from_workdir(workdir)
+    want, got = tk.params(workdirs["pairwise"]), tk.params(workdir)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+    assert _rows(workdir) == _rows(workdirs["pairwise"])
