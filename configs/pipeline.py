@@ -108,6 +108,10 @@ def get_config(arg=None):
     c.dpo.dpo.beta = 0.1
     c.dpo.checkpoint.every_steps = 40
 
+    # Best-of-n of SFT with the RM at each n (optional stage "best_of_n"; its sampling
+    # settings are the evaluation's): the over-optimization curve of Gao et al. 2022.
+    c.best_of_n = dict(n=[1, 2, 4, 8, 16, 32, 64])
+
     # Both RL stages: PPO (ptx.coef 0) and PPO-ptx (ptx.coef = ptx_coef).
     c.rl = _stage("ppo", "world")
     del c.rl.ptx["coef"]
@@ -166,6 +170,7 @@ def get_config(arg=None):
         c.rankings.update(valid_prompts=8, max_new_tokens=16, max_responses=5)
         c.rm.train.batch_size = 8
         c.dpo.train.batch_size = 8
+        c.best_of_n.n = [1, 2, 4]
         c.rl.ppo.iterations = 2
         c.rl.ppo.batch_size = 8
         c.rl.ppo.max_new_tokens = 16

@@ -50,6 +50,11 @@ def get_config(arg=None):
         # Score and update over (prompt, response) pairs packed into rows (scoring.pack):
         # the same numbers over about half the tokens. One process only (else padded).
         pack=True,
+        # "gae": the value model and GAE (PPO); "rloo" / "grpo": no value model, advantages
+        # from group_size answers to each prompt (leave-one-out / group-normalized; GRPO's
+        # KL to the reference a loss term weighted by kl_coef).
+        estimator="gae",
+        group_size=1,
     )
     c.ptx = dict(
         coef=27.8 if args.ptx else 0.0,

@@ -328,7 +328,8 @@ def _ppo_steps(config, mesh, rules, model_cfg) -> tuple[list[Step], int, dict]:
     value_tx, _ = make_optimizer(optimizer_config(config.value_optimizer, 1000))
     init = ppo.state_init(models, hp, tx, value_tx)
     _, state = sharding.abstract_sharded(init, mesh, rules, jax.random.key(0))
-    ref, rm = state.params, state.value_params  # frozen: sharded like the policy / value model
+    ref = state.params  # frozen: sharded like the policy / the RM's scalar model
+    rm = state.value_params if hp.critic else ppo.scalar_abstract(models, mesh, rules)
     sizes = {
         "state": sharding.shard_bytes(state),
         "policy": sharding.shard_bytes(state.params),

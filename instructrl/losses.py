@@ -199,6 +199,38 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(returns: jax.Array, group_size: int, kind: str) -> jax.Array:
+    """Critic-free advantages of (B,) sequence returns, the B rows being B / k groups of k
+    answers to one prompt each (consecutive rows):
+
+      rloo  R_i - mean of the other k - 1 answers' R (REINFORCE leave-one-out; Kool et al.
+            2019, Ahmadian et al. 2024): an unbiased baseline from the same prompt
+      grpo  (R_i - mean of the group) / (std of the group + 1e-4), the std over the k with
+            Bessel's correction (GRPO, Shao et al. 2024)
+
+    Returns (B,) float32."""
+    k = group_size
+    if k < 2:
+        raise ValueError(f"{kind} needs at least 2 answers per prompt, got group size {k}")
+    r = returns.astype(jnp.float32).reshape(-1, k)
+    if kind == "rloo":
+        baseline = (r.sum(1, keepdims=True) - r) / (k - 1)
+        return (r - baseline).reshape(-1)
+    if kind == "grpo":
+        return ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(
+            -1
+        )
+    raise ValueError(f"group advantages are 'rloo' or 'grpo', got {kind!r}")
+
+
+def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) on tokens drawn from pi: exp(d) - d - 1 with
+    d = log pi_ref - log pi (Schulman 2020's k3: unbiased and never negative), GRPO's KL
+    term."""
+    d = ref_logprobs - logprobs
+    return jnp.exp(d) - d - 1.0
+
+
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     mask = mask.astype(jnp.float32)
     return (x * mask).sum(axis) / jnp.maximum(mask.sum(axis), 1.0)

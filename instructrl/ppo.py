@@ -61,6 +61,19 @@ class Rollout:
     returns: jax.Array | None = None  # (B, N)
 
 
+ESTIMATORS = ("gae", "rloo", "grpo")
+
+
+def scalar_abstract(models: scoring.Models, mesh, rules):
+    """The sharded abstract params of a scalar-head model (the reward model's)."""
+
+    def init(rng):
+        with nn.logical_axis_rules(rules):
+            return models.scalar.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+    return sharding.abstract_sharded(init, mesh, rules, jax.random.key(0))[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Hparams:
     """Every PPO hyperparameter, as the pure phases read it (appendix C.3/C.4 defaults in
@@ -86,11 +99,24 @@ class Hparams:
     eos_id: int
     pad_id: int
     pack: bool = False  # score and update on packed (prompt, response) rows (make_step)
+    # "gae": PPO's value model and GAE; "rloo" / "grpo": no value model, advantages from the
+    # other answers to the same prompt (``losses.group_advantages``), group_size answers each.
+    estimator: str = "gae"
+    group_size: int = 1
 
     @classmethod
     def from_config(cls, config, tokenizer) -> Hparams:
         p = config.ppo
         penalty = p.get("no_eos_penalty")
+        estimator, group_size = str(p.get("estimator", "gae")), int(p.get("group_size", 1))
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"config.ppo.estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if estimator != "gae" and group_size < 2:
+            raise ValueError(f"config.ppo.group_size: {estimator} needs >= 2 answers per prompt")
+        if int(p.batch_size) % group_size:
+            raise ValueError(
+                f"config.ppo.batch_size={p.batch_size} is not a multiple of group_size={group_size}"
+            )
         return cls(
             kl_coef=float(p.kl_coef),
             target_kl=float(p.target_kl),
@@ -112,7 +138,14 @@ class Hparams:
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             pack=bool(p.get("pack", False)),
+            estimator=estimator,
+            group_size=group_size,
         )
+
+    @property
+    def critic(self) -> bool:
+        """Whether a value model is trained (GAE) or the advantages come from the group."""
+        return self.estimator == "gae"
 
     def generate_fn(self, models: scoring.Models):
         """The jitted sampler at these settings: (params, prompt_tokens, prompt_mask, rng)."""
@@ -130,7 +163,10 @@ def score_phase(models, hp: Hparams, params, value_params, ref_params, rm_params
     reference = hp.sampling.reference()
     logprobs, _ = scoring.response_logprobs(models, params, *args, hp.sampling, packed=packed)
     ref_logprobs, _ = scoring.response_logprobs(models, ref_params, *args, reference, packed=packed)
-    values = scoring.response_values(models, value_params, *args, packed=packed)
+    if hp.critic:
+        values = scoring.response_values(models, value_params, *args, packed=packed)
+    else:
+        values = jnp.zeros(samples.tokens.shape, jnp.float32)
     raw = scoring.reward_scores(models, rm_params, *args, packed=packed)
     scores = raw
     if hp.no_eos_penalty is not None:
@@ -161,8 +197,16 @@ def advantage_phase(hp: Hparams, rollout: Rollout, kl_coef) -> Rollout:
     )
     if hp.whiten_rewards:  # scale only: the sign of a reward carries meaning
         rewards = losses.whiten(rewards, rollout.mask, shift_mean=False)
-    advantages, returns = losses.gae(rewards, rollout.values, rollout.mask, hp.gamma, hp.lam)
-    if hp.whiten_advantages:
+    if hp.critic:
+        advantages, returns = losses.gae(rewards, rollout.values, rollout.mask, hp.gamma, hp.lam)
+    else:
+        # RLOO: the return is the score less beta times the sequence KL (the same reward PPO
+        # sums); GRPO: the score alone, its KL a loss term of the update (``update_phase``).
+        returns = rewards.sum(1) if hp.estimator == "rloo" else scores
+        advantages = losses.group_advantages(returns, hp.group_size, hp.estimator)
+        advantages = advantages[:, None] * rollout.mask  # every token of the answer
+        returns = jnp.zeros_like(rollout.mask)
+    if hp.whiten_advantages and hp.estimator != "grpo":  # GRPO's are normalized per group
         advantages = losses.whiten(advantages, rollout.mask)
     return rollout.replace(rewards=rewards, advantages=advantages, returns=returns)
 
@@ -252,6 +296,10 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
             )
             metrics["entropy"] = losses.entropy(logits, sub.mask)
             metrics["policy_loss"] = loss
+            if hp.estimator == "grpo":  # GRPO's KL to the reference, a loss term
+                kl = losses.masked_mean(losses.kl_k3(logprobs, sub.ref_logprobs), sub.mask)
+                metrics["kl_loss"] = kl
+                loss = loss + state.kl_coef * kl
             if ptx is not None:
                 rows = jax.tree.map(lambda x: x[ptx_idx], ptx)
                 with nn.logical_axis_rules(models.rules):
@@ -273,11 +321,14 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
         (_, pm), grads = jax.value_and_grad(policy_loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        (_, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(state.value_params)
-        vupdates, value_opt_state = value_tx.update(
-            vgrads, state.value_opt_state, state.value_params
-        )
-        value_params = optax.apply_updates(state.value_params, vupdates)
+        value_params, value_opt_state, vm = state.value_params, state.value_opt_state, {}
+        if hp.critic:
+            (_, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(state.value_params)
+            vupdates, value_opt_state = value_tx.update(
+                vgrads, state.value_opt_state, state.value_params
+            )
+            value_params = optax.apply_updates(state.value_params, vupdates)
+            vm["value_grad_norm"] = global_norm(vgrads)
         count = state.step * updates_per_iteration + j + 1  # this run's optimizer updates
         state = state.replace(
             params=params,
@@ -286,8 +337,7 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
             value_opt_state=value_opt_state,
             ema_params=ema_update(state.ema_params, params, hp.ema_decay, count),
         )
-        norms = {"grad_norm": global_norm(grads), "value_grad_norm": global_norm(vgrads)}
-        return state, {**pm, **vm, **norms}
+        return state, {**pm, **vm, "grad_norm": global_norm(grads)}
 
     xs = (idx, ptx_idx, jnp.arange(len(idx), dtype=jnp.int32), packed)
     state, metrics = jax.lax.scan(one_update, state, xs)
@@ -317,13 +367,16 @@ def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, jax.Array]:
 
 def state_init(models: scoring.Models, hp: Hparams, tx, value_tx):
     """``init(rng) -> PPOState`` (Flax-boxed; its logical axes give the shardings): the policy,
-    its EMA and the value model, freshly initialized (``run`` then loads SFT and the RM)."""
+    its EMA and the value model (none, ``{}``, for RLOO and GRPO), freshly initialized
+    (``run`` then loads SFT and the RM)."""
 
     def init(rng):
         example = jnp.zeros((1, 8), jnp.int32)
         with nn.logical_axis_rules(models.rules):
             policy = models.policy.init(jax.random.fold_in(rng, 0), example)["params"]
-            value = models.scalar.init(jax.random.fold_in(rng, 1), example)["params"]
+            value = {}
+            if hp.critic:
+                value = models.scalar.init(jax.random.fold_in(rng, 1), example)["params"]
         return PPOState(
             step=jnp.zeros((), jnp.int32),
             params=policy,
@@ -429,11 +482,12 @@ def run(config, workdir: str) -> PPOState:
     train_records = records[int(config.data.eval_prompts) :]
     tokens, mask = lm_data.encode_prompts(run.tokenizer, train_records, template, prompt_len)
     batch_size = int(config.ppo.batch_size)
+    # RLOO / GRPO: batch_size answers to batch_size / group_size prompts, each k times over.
     prompts = lm_data.EpochBatcher(
         {"prompt_tokens": tokens, "prompt_mask": mask},
-        batch_size,
+        batch_size // hp.group_size,
         int(config.seed),
-        sharding.host_batch_slice(batch_size),
+        sharding.host_batch_slice(batch_size // hp.group_size),
     )
     ptx_batcher, ptx_heldout = None, None
     eval_types = {e.get("type") for e in (config.get("evals") or {}).values()}
@@ -461,13 +515,18 @@ def run(config, workdir: str) -> PPOState:
     )
     frozen = {
         "ref": run.load(config.init_from, abstract.params),
-        "rm": run.load(config.ppo.reward_model, abstract.value_params),
+        "rm": run.load(
+            config.ppo.reward_model,
+            abstract.value_params if hp.critic else scalar_abstract(models, run.mesh, run.rules),
+        ),
     }
 
     def init_from(initial):
-        value = run.load(
-            config.ppo.get("value_from") or config.ppo.reward_model, abstract.value_params
-        )
+        value = {}  # RLOO, GRPO: no value model
+        if hp.critic:
+            value = run.load(
+                config.ppo.get("value_from") or config.ppo.reward_model, abstract.value_params
+            )
         policy = frozen["ref"]
         copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (state is donated)
         return PPOState(
@@ -482,7 +541,7 @@ def run(config, workdir: str) -> PPOState:
 
     class Batcher:
         def batch(self, step):
-            b = prompts.batch(step)
+            b = {k: np.repeat(v, hp.group_size, axis=0) for k, v in prompts.batch(step).items()}
             if ptx_batcher is not None:
                 b["ptx"] = ptx_batcher.batch(step)
             return b

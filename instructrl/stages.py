@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from instructrl import dpo, evaluate, ppo, rankings, report, rm, sft
+from instructrl import best_of_n, dpo, evaluate, ppo, rankings, report, rm, sft
 from instructrl.train import Stage
 from instructrl.world import World
 from instructrl.world.datasets import build_all
@@ -96,6 +96,14 @@ def wire_evaluate(c, dirs, config) -> None:
     c.lm_seq_len = int(config.pretrain.data.seq_len)
 
 
+def wire_best_of_n(c, dirs, config) -> None:
+    """SFT's answers reranked by the RM, drawn with the evaluation's sampling settings."""
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "batch_size"):
+        c[key] = config.evaluate[key]
+    c.world, c.world_dir = world_section(config), dirs["world"]
+    c.policy, c.reward_model = dirs["sft"], dirs["rm"]
+
+
 def wire_report(c, dirs, config) -> None:
     c.pipeline_dir = os.path.dirname(dirs["report"])
 
@@ -122,5 +130,8 @@ STAGES: tuple[Stage, ...] = (
 )
 # Stages a pipeline runs only when its ``stages`` list names them (before ``evaluate``, which
 # then compares their policies too): the methods beyond the paper.
-OPTIONAL: tuple[Stage, ...] = (Stage("dpo", dpo.run, ("world", "sft", "rankings"), _rankings),)
+OPTIONAL: tuple[Stage, ...] = (
+    Stage("dpo", dpo.run, ("world", "sft", "rankings"), _rankings),
+    Stage("best_of_n", best_of_n.run, ("world", "sft", "rm"), wire_best_of_n, trains=False),
+)
 BY_NAME = {s.name: s for s in STAGES + OPTIONAL}

@@ -30,7 +30,7 @@ SHARED_SCOPES = {
     "tests/test_pipeline.py": "pipeline",
     "tests/test_multihost.py": "pipeline",
     "tests/test_ppo.py": "toy",
-    "tests/test_dpo.py": "toy",
+    "tests/test_methods.py": "toy",
 }
 
 

@@ -164,3 +164,39 @@ def test_dpo_loss_on_a_pair_is_the_dpo_objective_for_both_forms():
     # The gradient raises the chosen response's log-prob and lowers the rejected one's.
     grad = jax.grad(lambda lp: losses.dpo_loss(lp, ref, ranks, mask, beta)[0])(jnp.asarray(logp))
     assert grad[0, 0] < 0 < grad[0, 1]
+
+
+def test_group_advantages_match_float64_formulas():
+    rng = np.random.default_rng(4)
+    for k in (2, 3, 5):
+        r = rng.normal(size=(4 * k,)) * 3
+        groups = r.reshape(4, k).astype(np.float64)
+        loo = groups - (groups.sum(1, keepdims=True) - groups) / (k - 1)
+        std = np.sqrt(
+            ((groups - groups.mean(1, keepdims=True)) ** 2).sum(1, keepdims=True) / (k - 1)
+        )
+        grpo = (groups - groups.mean(1, keepdims=True)) / (std + 1e-4)
+        got_loo = losses.group_advantages(jnp.asarray(r), k, "rloo")
+        got_grpo = losses.group_advantages(jnp.asarray(r), k, "grpo")
+        chex.assert_shape([got_loo, got_grpo], (4 * k,))
+        np.testing.assert_allclose(got_loo, loo.reshape(-1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_grpo, grpo.reshape(-1), rtol=1e-5, atol=1e-5)
+        # Leave-one-out advantages of a group sum to zero; a shift of a group's returns
+        # changes neither estimator.
+        np.testing.assert_allclose(np.asarray(got_loo).reshape(4, k).sum(1), 0.0, atol=1e-4)
+        shifted = jnp.asarray(r + np.repeat(rng.normal(size=4), k))
+        np.testing.assert_allclose(losses.group_advantages(shifted, k, "grpo"), got_grpo, atol=1e-4)
+
+
+def test_kl_k3_is_the_nonnegative_unbiased_estimator():
+    rng = np.random.default_rng(5)
+    logp, ref = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    d = ref.astype(np.float64) - logp
+    got = losses.kl_k3(jnp.asarray(logp), jnp.asarray(ref))
+    np.testing.assert_allclose(got, np.exp(d) - d - 1, rtol=1e-5, atol=1e-6)
+    assert (np.asarray(got) >= 0).all()
+    # Samples of pi: its mean estimates KL(pi || pi_ref) (two categorical distributions).
+    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
+    draws = rng.choice(3, size=200_000, p=p)
+    estimate = float(losses.kl_k3(jnp.log(p)[draws], jnp.log(q)[draws]).mean())
+    np.testing.assert_allclose(estimate, (p * np.log(p / q)).sum(), rtol=0.02)

@@ -161,3 +161,22 @@ def test_paper_preset_matches_appendix_c4():
         for step in (warmup, 2 * warmup, p.iterations * updates_per_iteration - 1):
             assert float(lr(step)) == pytest.approx(opt.lr)
     assert ppo_config.get_config("paper").ptx.coef == 0.0  # plain "PPO" is gamma = 0
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_raise_reward_without_a_value_model(toy, estimator):
+    """RLOO and GRPO: four answers per prompt, advantages from the other answers, no value
+    model (none in the state, no value loss); the RM and gold scores rise as PPO's do."""
+    root, config = toy
+    workdir = str(root / estimator)
+    state = ppo.run(config(estimator=estimator, group_size=4), workdir)
+    assert state.value_params == {}
+    rows = [r for r in _rows(workdir) if "ppo/score" in r]
+    first, last = (np.mean([r["ppo/score"] for r in rs]) for rs in (rows[:2], rows[-2:]))
+    assert last > first + 0.3, (first, last)
+    assert 0 < rows[-1]["ppo/kl_to_ref"] < 10.0
+    assert "ppo/value_loss" not in rows[-1]
+    assert ("ppo/kl_loss" in rows[-1]) == (estimator == "grpo")
+    frac = _frac_a(workdir)
+    assert frac[max(frac)] > 0.6, frac
+    print(estimator, "scores", [round(r["ppo/score"], 3) for r in rows], "frac_a", frac)

@@ -1,6 +1,7 @@
-"""DPO: packed response log-probs against each sequence alone, and learning on the toy task
-(tests/toy_task.py: more 'a' than 'b' is better) from its SFT policy and rankings, pairwise
-and listwise; a preempted run resumes to the uninterrupted run's params."""
+"""The methods beyond the paper on the toy task (tests/toy_task.py: more 'a' than 'b' is
+better), from its SFT policy, rankings and reward model. DPO: packed response log-probs
+against each sequence alone; it learns, pairwise and listwise; a preempted run resumes to the
+uninterrupted run's params. Best-of-n: the RM's and the gold score rise with n."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from instructrl import dpo, sharding
+from instructrl import best_of_n, dpo, sharding
 from instructrl.data.comparisons import PackedRankingBatcher, encode_rankings
 from instructrl.model import Transformer
 from instructrl.policy_io import Toolkit
@@ -156,3 +157,24 @@ def test_preempted_dpo_resumes_to_the_uninterrupted_params(trained, monkeypatch)
     want, got = tk.params(workdirs["pairwise"]), tk.params(workdir)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
     assert _rows(workdir) == _rows(workdirs["pairwise"])
+
+
+def test_best_of_n_raises_the_rm_and_gold_scores_with_n(toy):
+    import toy_task
+
+    root, _ = toy
+    tk = Toolkit.from_workdir(str(root / "sft"))
+    params, rm_params = tk.params(str(root / "sft")), tk.params(str(root / "rm"), head="scalar")
+    ns = [1, 4, 16]
+    ranked = best_of_n.draw_and_rank(tk, params, rm_params, toy_task.PROMPTS * 8, ns, seed=0,
+                                     max_new_tokens=16, template="{prompt}\n\n")  # fmt: skip
+    rm = [float(ranked[n]["rm_scores"].mean()) for n in ns]
+    gold = [toy_task.frac_a(ranked[n]["texts"]) for n in ns]
+    print("best-of-n RM", rm, "frac_a", gold)
+    # The first n draws are a subset of the first m > n: the kept score never falls.
+    assert (ranked[4]["rm_scores"] >= ranked[1]["rm_scores"]).all()
+    assert (ranked[16]["rm_scores"] >= ranked[4]["rm_scores"]).all()
+    assert rm[0] + 0.5 < rm[1] < rm[2] - 0.2
+    assert gold[0] + 0.1 < gold[1] < gold[2]
+    assert best_of_n.analytic_kl(1) == 0.0
+    np.testing.assert_allclose(best_of_n.analytic_kl(16), np.log(16) - 15 / 16)
