@@ -13,6 +13,7 @@ import os
 import time
 
 from instructrl import config_lib, evaluate, pipeline, ppo, rm
+from instructrl.stages import BY_NAME
 from instructrl.train import is_done, mark_done
 
 SHARED = ("world", "pretrain", "sft", "rankings", "rm")
@@ -40,6 +41,12 @@ def _set(cfg, dotted: str, value) -> None:
     for part in path:
         cfg = cfg[part]
     cfg[last] = value
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 def _once(stage_dir: str, fn) -> str:
@@ -71,6 +78,22 @@ def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
     key = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
     stage_dir = os.path.join(workdir, "variants", key)
     return _once(stage_dir, lambda: ppo.run(c, stage_dir))
+
+
+def stage_variant(config, workdir: str, stage: str, name: str, overrides: dict) -> str:
+    """Train a stage the pipeline lists only when asked (``stages.OPTIONAL``, e.g. DPO) from
+    DIR's shared stages, its config section with ``overrides`` (dotted keys), in
+    DIR/variants/<name>."""
+    c = config.copy_and_resolve_references()
+    c.stages = [*SHARED, stage]
+    section = pipeline.resolve(c, workdir)[stage]
+    own = os.path.join(workdir, stage)  # the pipeline's own run of the stage, if it has one
+    if is_done(own) and all(_get(section, k) == v for k, v in overrides.items()):
+        return own
+    for key, value in overrides.items():
+        _set(section, key, value)
+    stage_dir = os.path.join(workdir, "variants", name)
+    return _once(stage_dir, lambda: BY_NAME[stage].run(section, stage_dir))
 
 
 def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:

@@ -1,11 +1,12 @@
 """Run one of the paper's ablations in miniature (see experiments/<name>/README.md).
 
-  python experiments/run.py NAME --workdir DIR [--tiny]
+  python experiments/run.py NAME --workdir DIR [--tiny] [--seed N]
   python experiments/run.py seeds --seeds 0,1,2 --workdir DIR   # DIR/seed_<N>, one pipeline each
 
 NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
 rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost),
-departures (PPO-ptx with each of the fidelity issue's known departures fixed).
+departures (PPO-ptx with each of the fidelity issue's known departures fixed), methods (PPO,
+PPO-ptx, DPO pairwise / listwise and best-of-n from the same SFT, rankings and RM).
 All share DIR's world, base model, SFT policy, rankings and reward model, so running several
 experiments in one DIR builds those once.
 Writes DIR/results_<NAME>.{json,md} and prints the table.
@@ -364,6 +365,56 @@ def _param_count(stage_config) -> int:
     return count_params(model_config(stage_config, make_tokenizer(stage_config.tokenizer)))
 
 
+METHOD_COLUMNS = ["method", "win_rate_vs_sft", "gold_score", "likert", "rm_score", "kl_to_sft",
+                  "pretrain_loss", "samples_per_answer", "train_seconds"]  # fmt: skip
+BEST_OF_N_COLUMNS = ["n", "win_rate_vs_sft", "gold_score", "likert", "rm_score", "kl_to_sft"]
+
+
+def methods(config, workdir, tiny):
+    """Each post-SFT method from the same SFT policy, rankings and reward model of DIR,
+    judged on the same held-out prompts by the same held-out labelers and the gold rubric:
+    PPO, PPO-ptx (the pipeline's own when their settings match), DPO pairwise and DPO
+    listwise (the pipeline's ``dpo`` section) and best-of-n of SFT with the RM (its ``n``
+    list; the table shows n = 16, or the largest, and a second table every n). Cost: each
+    stage's training wall time on this machine (its run_info; PPO and PPO-ptx of the
+    pipeline itself ran side by side) and the policy samples one answer costs. KL to SFT is
+    a sample estimate on each model's answers, for best-of-n its closed form."""
+    coef = float(config.ptx_coef)
+    policies = {
+        "ppo": common.ppo_variant(config, workdir, "ppo", {"ptx.coef": 0.0}),
+        "ppo_ptx": common.ppo_variant(config, workdir, "ppo_ptx", {"ptx.coef": coef}),
+        "dpo_pairwise": common.stage_variant(
+            config, workdir, "dpo", "dpo_pairwise", {"dpo.loss": "pairwise"}
+        ),
+        "dpo_listwise": common.stage_variant(
+            config, workdir, "dpo", "dpo_listwise", {"dpo.loss": "listwise"}
+        ),
+    }
+    models = common.evaluate_policies(config, workdir, "methods", policies)
+    bon_dir = common.stage_variant(config, workdir, "best_of_n", "best_of_n", {})
+    with open(os.path.join(bon_dir, "evaluation.json")) as f:
+        bon = json.load(f)
+    shown = 16 if 16 in bon["n"] else max(bon["n"])
+    rows = []
+    for name in ("sft", *policies):
+        m = models[name]
+        seconds = None
+        if name in policies:
+            with open(os.path.join(policies[name], "run_info.json")) as f:
+                seconds = json.load(f)["seconds"]["total"]
+        rows.append({"method": name, **{k: m[k] for k in METHOD_COLUMNS[1:-2]},
+                     "samples_per_answer": 1, "train_seconds": seconds})  # fmt: skip
+    m = bon["models"][f"best_of_{shown}"]
+    rows.append({"method": f"best_of_{shown}", **{k: m[k] for k in METHOD_COLUMNS[1:-3]},
+                 "pretrain_loss": models["sft"]["pretrain_loss"], "samples_per_answer": shown,
+                 "train_seconds": 0.0})  # fmt: skip
+    curve = [{"n": n, **{k: bon["models"][f"best_of_{n}"][k] for k in BEST_OF_N_COLUMNS[1:]}}
+             for n in bon["n"]]  # fmt: skip
+    md = common.table(rows, METHOD_COLUMNS) + "\n\nBest-of-n:\n\n"
+    md += common.table(curve, BEST_OF_N_COLUMNS)
+    return {"rows": rows, "best_of_n": curve, "models": models, "dirs": policies}, md
+
+
 EXPERIMENTS = {
     "ptx_vs_ppo": ptx_vs_ppo,
     "kl_sweep": kl_sweep,
@@ -375,6 +426,7 @@ EXPERIMENTS = {
     "size": size,
     "signal": signal,
     "seeds": seeds,
+    "methods": methods,
 }
 
 
@@ -384,12 +436,13 @@ def main(argv=None) -> str:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tiny", action="store_true", help="runlocal sizes (seconds)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds: the world seeds to run")
+    parser.add_argument("--seed", type=int, default=0, help="the world seed of DIR's pipeline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    config = common.base_config(args.tiny)
+    config = common.base_config(args.tiny, seed=args.seed)
     if args.experiment == "seeds":  # every seed is a whole pipeline of its own
         seed_list = tuple(int(x) for x in args.seeds.split(","))
         results, md = seeds(config, args.workdir, args.tiny, seed_list)
