@@ -57,12 +57,14 @@ def _once(stage_dir: str, fn) -> str:
     return stage_dir
 
 
-def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
+def ppo_variant(config, workdir: str, name: str, overrides: dict, reuse: bool = True) -> str:
     """Train the PPO policy of the pipeline's ``ppo`` stage with ``overrides`` (dotted keys
     of that stage's config, e.g. {"ppo.kl_coef": 0.05, "ptx.coef": 27.8}).
 
     Variants are keyed by their effective settings, so experiments that ask for the same
-    policy (the pipeline's own PPO and PPO-ptx included) share one training run.
+    policy (the pipeline's own PPO and PPO-ptx included, unless ``reuse`` is off: the
+    pipeline ran those two side by side, so their wall times are not one stage's alone)
+    share one training run.
     """
     resolved = pipeline.resolve(config, workdir)
     c = resolved["ppo"].copy_and_resolve_references()  # the pipeline's own stays as it was
@@ -73,7 +75,7 @@ def ppo_variant(config, workdir: str, name: str, overrides: dict) -> str:
     for stage in ("ppo", "ppo_ptx"):
         own = {"ppo.kl_coef": float(resolved[stage].ppo.kl_coef),
                "ptx.coef": float(resolved[stage].ptx.coef)}  # fmt: skip
-        if settings == own and is_done(os.path.join(workdir, stage)):
+        if reuse and settings == own and is_done(os.path.join(workdir, stage)):
             return os.path.join(workdir, stage)
     key = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
     stage_dir = os.path.join(workdir, "variants", key)

@@ -2,11 +2,12 @@
 
   python experiments/run.py NAME --workdir DIR [--tiny] [--seed N]
   python experiments/run.py seeds --seeds 0,1,2 --workdir DIR   # DIR/seed_<N>, one pipeline each
+  python experiments/run.py methods --seeds 0,1,2 --workdir DIR # every method on each seed
 
 NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
 rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost),
 departures (PPO-ptx with each of the fidelity issue's known departures fixed), methods (PPO,
-PPO-ptx, DPO pairwise / listwise and best-of-n from the same SFT, rankings and RM).
+PPO-ptx, RLOO, GRPO, DPO pairwise / listwise and best-of-n from the same SFT, rankings and RM).
 All share DIR's world, base model, SFT policy, rankings and reward model, so running several
 experiments in one DIR builds those once.
 Writes DIR/results_<NAME>.{json,md} and prints the table.
@@ -373,16 +374,25 @@ BEST_OF_N_COLUMNS = ["n", "win_rate_vs_sft", "gold_score", "likert", "rm_score",
 def methods(config, workdir, tiny):
     """Each post-SFT method from the same SFT policy, rankings and reward model of DIR,
     judged on the same held-out prompts by the same held-out labelers and the gold rubric:
-    PPO, PPO-ptx (the pipeline's own when their settings match), DPO pairwise and DPO
-    listwise (the pipeline's ``dpo`` section) and best-of-n of SFT with the RM (its ``n``
-    list; the table shows n = 16, or the largest, and a second table every n). Cost: each
-    stage's training wall time on this machine (its run_info; PPO and PPO-ptx of the
-    pipeline itself ran side by side) and the policy samples one answer costs. KL to SFT is
+    PPO, PPO-ptx, RLOO and GRPO (the pipeline's ``rl`` section; RLOO and GRPO with 4 answers
+    per prompt, the same answers per iteration), DPO pairwise and DPO listwise (its ``dpo``
+    section) and best-of-n of SFT with the RM (its ``best_of_n.n``; the table shows n = 16,
+    or the largest, and a second table every n). Cost: each stage's wall time on this
+    machine, trained alone (run_info), and the policy samples one answer costs. KL to SFT is
     a sample estimate on each model's answers, for best-of-n its closed form."""
     coef = float(config.ptx_coef)
-    policies = {
-        "ppo": common.ppo_variant(config, workdir, "ppo", {"ptx.coef": 0.0}),
-        "ppo_ptx": common.ppo_variant(config, workdir, "ppo_ptx", {"ptx.coef": coef}),
+    group = {"ppo.group_size": 4, "ptx.coef": 0.0}  # 4 answers per prompt, as many in all
+    variants = {
+        "ppo": {"ptx.coef": 0.0},
+        "ppo_ptx": {"ptx.coef": coef},
+        "rloo": {"ppo.estimator": "rloo", **group},
+        "grpo": {"ppo.estimator": "grpo", **group},
+    }
+    policies = {  # each trained alone, one after another: comparable wall times (not --tiny)
+        name: common.ppo_variant(config, workdir, name, overrides, reuse=tiny)
+        for name, overrides in variants.items()
+    }
+    policies |= {
         "dpo_pairwise": common.stage_variant(
             config, workdir, "dpo", "dpo_pairwise", {"dpo.loss": "pairwise"}
         ),
@@ -415,6 +425,38 @@ def methods(config, workdir, tiny):
     return {"rows": rows, "best_of_n": curve, "models": models, "dirs": policies}, md
 
 
+def methods_seeds(config, workdir, tiny, seed_list):
+    """``methods`` on each world seed (DIR/seed_<N>, its pipeline's stages up to the RM built
+    when missing), each seed's table in its DIR, and every method's win rate pooled over the
+    seeds with its interval, its gold score and KL averaged."""
+    per_seed, rows = {}, []
+    for seed in seed_list:
+        seed_config = common.base_config(tiny, seed=seed)
+        seed_dir = os.path.join(workdir, f"seed_{seed}")
+        common.shared_stages(seed_config, seed_dir)
+        results, md = methods(seed_config, seed_dir, tiny)
+        common.write_results(seed_dir, "methods", results, md)
+        per_seed[seed] = {r["method"]: r for r in results["rows"]}
+        rows += [{"seed": seed, **r} for r in results["rows"]]
+    names = list(per_seed[seed_list[0]])
+    for name in names:
+        if name == "sft":
+            continue
+        runs = [per_seed[s][name] for s in seed_list]
+        rows.append(
+            {
+                "seed": "pooled",
+                "method": name,
+                "win_rate_vs_sft": pooled_interval([r["win_rate_vs_sft"] for r in runs]),
+                **{k: float(np.mean([r[k] for r in runs]))
+                   for k in ("gold_score", "likert", "rm_score", "kl_to_sft", "pretrain_loss")},
+                "samples_per_answer": runs[0]["samples_per_answer"],
+                "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+            }
+        )  # fmt: skip
+    return {"rows": rows, "seeds": list(seed_list)}, common.table(rows, ["seed", *METHOD_COLUMNS])
+
+
 EXPERIMENTS = {
     "ptx_vs_ppo": ptx_vs_ppo,
     "kl_sweep": kl_sweep,
@@ -435,7 +477,11 @@ def main(argv=None) -> str:
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tiny", action="store_true", help="runlocal sizes (seconds)")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds: the world seeds to run")
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="seeds (default 0,1,2), methods: the world seeds, DIR/seed_<N> each",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the world seed of DIR's pipeline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -444,8 +490,11 @@ def main(argv=None) -> str:
     jax.config.update("jax_threefry_partitionable", True)
     config = common.base_config(args.tiny, seed=args.seed)
     if args.experiment == "seeds":  # every seed is a whole pipeline of its own
-        seed_list = tuple(int(x) for x in args.seeds.split(","))
+        seed_list = tuple(int(x) for x in (args.seeds or "0,1,2").split(","))
         results, md = seeds(config, args.workdir, args.tiny, seed_list)
+    elif args.experiment == "methods" and args.seeds:
+        seed_list = tuple(int(x) for x in args.seeds.split(","))
+        results, md = methods_seeds(config, args.workdir, args.tiny, seed_list)
     else:
         common.shared_stages(config, args.workdir)
         results, md = EXPERIMENTS[args.experiment](config, args.workdir, args.tiny)

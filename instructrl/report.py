@@ -26,7 +26,7 @@ from instructrl.world.labelers import pair_agreement
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "base_fewshot", "sft", "ppo", "ppo_ptx")  # the order of the tables
+MODELS = ("base", "base_fewshot", "sft", "ppo", "ppo_ptx", "dpo")  # the order of the tables
 
 CURVE_KEYS = ("ppo/score", "ppo/kl_to_ref", "ppo/total_reward", "ppo/ptx_loss", "ppo/kl_coef")
 
