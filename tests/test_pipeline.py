@@ -207,7 +207,9 @@ def test_report_has_every_model_and_key(run):
     _, workdir, _, _ = run
     with open(os.path.join(workdir, "report.json")) as f:
         rep = json.load(f)
-    assert set(rep["models"]) == set(report.MODELS)
+    # The default pipeline's models (an optional stage such as dpo is evaluated when run).
+    evaluated = {m for m, stage in stages.EVALUATED.items() if stage in pipeline.STAGE_NAMES}
+    assert set(rep["models"]) == evaluated and evaluated <= set(report.MODELS)
     for name, m in rep["models"].items():
         for key in REQUIRED + report.ATTRIBUTES:
             assert key in m, (name, key)
@@ -267,7 +269,6 @@ def experiments(run):
 @pytest.mark.parametrize(
     "name",
     [
-        "ptx_vs_ppo",
         "kl_sweep",
         "ptx_sweep",
         "rm_batching",
@@ -276,9 +277,12 @@ def experiments(run):
         "overoptimization",
         "signal",
         "departures",
+        "methods",
     ],
 )
 def test_experiment_tiny_variant_writes_its_report(experiments, name):
+    """Each experiment's --tiny variant on the session pipeline's stages (ptx_vs_ppo is the
+    policy sweep kl_sweep and ptx_sweep run, on the two policies methods evaluates)."""
     module, workdir = experiments
     path = module.main([name, "--workdir", workdir, "--tiny"])
     results = json.load(open(path.replace(".md", ".json")))
@@ -316,6 +320,22 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
         for key in ("inter_train", "inter_heldout", "train_vs_gold", "rm_vs_gold"):
             assert 0.0 <= overall[key] <= 1.0 and overall[f"{key}_pairs"] > 0
         assert set(results["by_source_pair"]) and set(results["by_family"])
+    if name == "methods":
+        rows = {r["method"]: r for r in results["rows"]}
+        trained = ["ppo", "ppo_ptx", "rloo", "grpo", "dpo_pairwise", "dpo_listwise"]
+        assert list(rows) == ["sft", *trained, "best_of_4"]
+        for method in trained:
+            assert 0 <= rows[method]["win_rate_vs_sft"]["mean"] <= 1
+            assert rows[method]["train_seconds"] > 0 and rows[method]["samples_per_answer"] == 1
+            assert rows[method]["kl_to_sft"] != 0  # its own policy, not SFT's answers
+        # Best-of-n: n answers per answer, the closed-form KL, SFT's own weights; the kept
+        # answer's RM score cannot fall as n grows (the first n draws are nested).
+        curve = results["best_of_n"]
+        assert [c["n"] for c in curve] == [1, 2, 4] and curve[0]["kl_to_sft"] == 0.0
+        assert rows["best_of_4"]["samples_per_answer"] == 4
+        assert rows["best_of_4"]["pretrain_loss"] == rows["sft"]["pretrain_loss"]
+        assert curve[0]["rm_score"] <= curve[1]["rm_score"] <= curve[2]["rm_score"]
+        assert "| rloo |" in table and "Best-of-n" in table
     if name == "size":
         rows = {r["model"]: r for r in results["rows"]}
         assert rows["base_medium"]["params"] > 2 * rows["base_small"]["params"]
