@@ -247,6 +247,22 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- the stage base
 
 
+def rankings_data(path: str = "") -> dict:
+    """The ``data`` section of a stage that learns from rankings (RM, DPO), as
+    ``data.comparisons.load_arrays`` reads it."""
+    return dict(
+        path=path,
+        format="auto",
+        eval_paths=[],
+        heldout_labelers=[],  # empty: eval labelers absent from the training rankings
+        template="{prompt}\n\n",
+        seq_len=128,
+        eval_examples=64,
+        skip_too_long=True,
+        skip_invalid=True,
+    )
+
+
 def base_config(seed: int = 0) -> ml_collections.ConfigDict:
     """Sections every training stage shares: seed, mesh, logical rules, tokenizer, model,
     optimizer, training loop and checkpointing."""
