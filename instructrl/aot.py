@@ -407,6 +407,11 @@ def compile_stage(config, topology: str) -> dict[str, Any]:
     stage = config.get("stage")
     if stage not in STAGES:
         raise config_lib.ConfigError(f"config.stage={stage!r}: compile knows {', '.join(STAGES)}")
+    if int((config.get("lora") or {}).get("rank", 0)):
+        raise config_lib.ConfigError(
+            "config.lora.rank > 0: compile models full fine-tuning only (scripts/lora_memory.py "
+            "counts LoRA's memory)"
+        )
     devices = topology_devices(topology)
     chip, per_chip = chip_of(devices)
     try:

@@ -313,4 +313,10 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
     )
     c.checkpoint = dict(every_steps=50, keep=2, async_save=True, select_by="", select_mode="min")
     c.evals = ml_collections.ConfigDict()
+    # LoRA (instructrl.lora): rank > 0 trains rank-r adapters on ``targets`` (empty: every
+    # projection of a block, model.LORA_TARGETS) and the top-level modules in ``train`` over
+    # init_from's frozen weights; the update is scaled by alpha / rank. export: "merged"
+    # (export/ holds plain weights) or "separate" (also the adapters alone, workdir/adapter).
+    # compute: "merged" (W + alpha/r A B formed each step) or "adapters" (lora.COMPUTES).
+    c.lora = dict(rank=0, alpha=16.0, targets=[], train=[], export="merged", compute="merged")
     return c

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from instructrl import checkpoint, evaluators, losses, sharding
+from instructrl import evaluators, lora, losses, sharding
 from instructrl.data.comparisons import PackedRankingBatcher, load_arrays, response_lengths
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
@@ -87,9 +87,11 @@ def padded_sequence_logprobs(model: Transformer, params, batch, rules) -> jax.Ar
 
 
 def dpo_step(model: Transformer, tx, rules, hp: Hparams, state: TrainState, batch, rng,
-             ref_params):  # fmt: skip
-    """One update on ``losses.dpo_loss``; ``ref_params`` the frozen reference policy.
-    batch: a packed ranking batch with response positions, ranks and mask (B, K)."""
+             ref_params, adapters: bool = False, merge_alpha=None):  # fmt: skip
+    """One update on ``losses.dpo_loss``; ``ref_params`` the frozen reference policy, with
+    ``adapters`` (LoRA) also the base ``state.params``'s adapters adapt: one copy of the SFT
+    weights (``merge_alpha``: ``lora.Spec.merge_alpha``). batch: a packed ranking batch with
+    response positions, ranks and mask (B, K)."""
     del rng  # deterministic: no dropout, no sampling
     ref_logprobs = jax.lax.stop_gradient(sequence_logprobs(model, ref_params, batch, rules))
 
@@ -99,7 +101,10 @@ def dpo_step(model: Transformer, tx, rules, hp: Hparams, state: TrainState, batc
             logprobs, ref_logprobs, batch["ranks"], batch["mask"], hp.beta, hp.listwise
         )
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    base = ref_params if adapters else None
+    (loss, metrics), grads = lora.value_and_grad(
+        loss_fn, state.params, base, merge_alpha=merge_alpha
+    )
     state, norms = apply_gradients(state, grads, tx)
     return state, {"loss": loss, **metrics, **norms}
 
@@ -143,12 +148,14 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     seq_len = int(config.data.seq_len)
     example = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
     initial, shardings, abstract = lazy_state(
-        train_state_init(model, tx, example, run.rules),
+        train_state_init(model, tx, example, run.rules, run.trainable),
         run.mesh,
         run.rules,
         jax.random.key(int(config.seed)),
     )
-    ref = run.load(config.init_from, abstract.params)
+    # The reference policy; with LoRA also the frozen base of the adapters.
+    base = run.lora_base(model, example)
+    ref = run.load(config.init_from, abstract.params) if base is None else base
     info = {
         "rankings": len(loaded.rankings),
         "invalid_skipped": loaded.invalid,
@@ -163,6 +170,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     run.write_info(**info)
 
     def init_from(initial):
+        if base is not None:  # LoRA: fresh adapters (the adapted policy starts as SFT)
+            return initial()
         params = jax.tree.map(jnp.copy, ref)  # the state is donated; the reference is not
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -170,7 +179,15 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=functools.partial(dpo_step, model, tx, run.rules, hp),
+        step_fn=functools.partial(
+            dpo_step,
+            model,
+            tx,
+            run.rules,
+            hp,
+            adapters=base is not None,
+            merge_alpha=run.lora and run.lora.merge_alpha,
+        ),  # fmt: skip
         batcher=batcher,
         steps=steps,
         schedule=schedule,
@@ -184,7 +201,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         prefix="dpo",
         tokens_per_step=lambda b: int((b["segment_ids"] > 0).sum()) * jax.process_count(),
         frozen=(ref,),
+        view=run.merged_view(base),
     )
-    checkpoint.export_params(workdir, state.params, {**info, "total_steps": steps})
+    run.export(state.params, {**info, "total_steps": steps}, base)
     run.finish()
     return state

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Every projection of a block (attention and MLP, both families): LoRA's default targets.
+LORA_TARGETS = ("query", "key", "value", "out", "fc_in", "fc_out", "gate", "up")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool | None = None
     init_std: float = 0.02
+    # LoRA (Hu et al. 2021): with lora_rank > 0, ``init`` adds a rank-r adapter to each
+    # projection named in lora_targets (``adapt``); applied wherever the params hold one.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if self.family not in ("gpt", "llama"):
@@ -87,6 +94,11 @@ class ModelConfig:
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(
                 f"model.rope_scaling must be none|linear|llama3, got {self.rope_scaling!r}"
+            )
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(
+                f"lora.targets: unknown projections {sorted(unknown)}; choose from {LORA_TARGETS}"
             )
         if self.num_heads % self.kv_heads:
             raise ValueError(
@@ -192,6 +204,37 @@ def _ones(names):
 
 def _zeros(names):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def adapt(module: nn.Module, cfg: ModelConfig, name: str, x, y, in_axes, out_axes):
+    """``y`` (projection ``name`` of ``x``) plus its LoRA update (alpha / r) * (x A) B.
+
+    A: (*in, r) and B: (r, *out) are params of ``module`` named ``{name}_lora_a`` and
+    ``{name}_lora_b``, the kernel's input and output dims (logical axes ``in_axes`` and
+    ``out_axes``) around the rank. ``init`` creates them when cfg.lora_rank > 0 and the name is
+    a target: A ~ N(0, 1 / fan_in), B = 0, so the adapted model starts equal to the base; any
+    other call applies them only where the params hold them (the same model runs base and
+    merged params, ``instructrl.lora``), with r read from A's shape. Only x A and its product
+    with B are computed: no gradient of the base kernel is formed."""
+    a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
+    if module.is_initializing():
+        if not (cfg.lora_rank and name in cfg.lora_targets):
+            return y
+    elif not module.has_variable("params", a_name):
+        return y
+    in_shape, out_shape = x.shape[x.ndim - len(in_axes) :], y.shape[y.ndim - len(out_axes) :]
+    fan_in = functools.reduce(lambda m, n: m * n, in_shape, 1)
+    rank = cfg.lora_rank
+    a = module.param(
+        a_name,
+        nn.with_logical_partitioning(nn.initializers.normal(fan_in**-0.5), (*in_axes, None)),
+        (*in_shape, rank),
+        cfg.weight_dtype,
+    )
+    b = module.param(b_name, _zeros((None, *out_axes)), (a.shape[-1], *out_shape), cfg.weight_dtype)
+    h = jnp.tensordot(x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype), len(in_shape))
+    delta = jnp.tensordot(h, b.astype(cfg.compute_dtype), 1) * (cfg.lora_alpha / a.shape[-1])
+    return y + delta.astype(y.dtype)
 
 
 class Norm(nn.Module):
@@ -302,13 +345,14 @@ class Attention(nn.Module):
         dense = _dense(cfg, nn.DenseGeneral)
 
         def project(name, heads, head_axis):
-            return dense(
+            y = dense(
                 (heads, cfg.head_size),
                 use_bias=cfg.has_qkv_bias,
                 kernel_init=_init(cfg, ("embed", head_axis, "kv")),
                 bias_init=_zeros((head_axis, "kv")),
                 name=name,
             )(x)
+            return adapt(self, cfg, name, x, y, ("embed",), (head_axis, "kv"))
 
         q = project("query", cfg.num_heads, "heads")  # (B, T, N, H)
         k = project("key", cfg.kv_heads, "kv_heads")  # (B, T, K, H)
@@ -346,14 +390,14 @@ class Attention(nn.Module):
             )  # (B, T, N, H)
         out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "act_kv"))
         # GPT-2's scaled init of residual projections: std / sqrt(2 * num_layers).
-        out = dense(
+        y = dense(
             cfg.d_model,
             axis=(-2, -1),
             kernel_init=_init(cfg, ("heads", "kv", "embed"), (2 * cfg.num_layers) ** -0.5),
             bias_init=_zeros(("embed",)),
             name="out",
         )(out)
-        return out, cache
+        return adapt(self, cfg, "out", out, y, ("heads", "kv"), ("embed",)), cache
 
 
 class Mlp(nn.Module):
@@ -364,18 +408,23 @@ class Mlp(nn.Module):
         cfg = self.cfg
         dense = _dense(cfg, nn.Dense)
         up = dict(kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
+
+        def project_up(name):
+            y = dense(cfg.hidden_dim, name=name, **up)(x)
+            return adapt(self, cfg, name, x, y, ("embed",), ("mlp",))
+
         if cfg.family == "gpt":
-            h = nn.gelu(dense(cfg.hidden_dim, name="fc_in", **up)(x), approximate=True)
+            h = nn.gelu(project_up("fc_in"), approximate=True)
         else:
-            gate = dense(cfg.hidden_dim, name="gate", **up)(x)
-            h = nn.silu(gate) * dense(cfg.hidden_dim, name="up", **up)(x)
+            h = nn.silu(project_up("gate")) * project_up("up")
         h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
-        return dense(
+        y = dense(
             cfg.d_model,
             kernel_init=_init(cfg, ("mlp", "embed"), (2 * cfg.num_layers) ** -0.5),
             bias_init=_zeros(("embed",)),
             name="fc_out",
         )(h)
+        return adapt(self, cfg, "fc_out", h, y, ("mlp",), ("embed",))
 
 
 class Block(nn.Module):

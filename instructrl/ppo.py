@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from instructrl import checkpoint, losses, sampler, scoring, sharding
+from instructrl import lora, losses, sampler, scoring, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.model import Transformer
@@ -103,11 +103,14 @@ class Hparams:
     # other answers to the same prompt (``losses.group_advantages``), group_size answers each.
     estimator: str = "gae"
     group_size: int = 1
+    # LoRA with lora.compute "merged": the update merges the adapters (lora.value_and_grad).
+    lora_merge_alpha: float | None = None
 
     @classmethod
     def from_config(cls, config, tokenizer) -> Hparams:
         p = config.ppo
         penalty = p.get("no_eos_penalty")
+        spec = lora.Spec.from_config(config)
         estimator, group_size = str(p.get("estimator", "gae")), int(p.get("group_size", 1))
         if estimator not in ESTIMATORS:
             raise ValueError(f"config.ppo.estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -140,6 +143,7 @@ class Hparams:
             pack=bool(p.get("pack", False)),
             estimator=estimator,
             group_size=group_size,
+            lora_merge_alpha=None if spec is None else spec.merge_alpha,
         )
 
     @property
@@ -265,15 +269,17 @@ def packed_plan(hp: Hparams, rng, prompt_tokens, prompt_mask, tokens, mask, ptx_
 
 
 def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Rollout, ptx, rng,
-                 plan=None):  # fmt: skip
+                 plan=None, bases=None):  # fmt: skip
     """Phase 4: ``epochs`` x ``num_minibatches`` clipped-PPO updates as one ``lax.scan``.
 
     ptx: None or {inputs, targets, loss_mask} (B_ptx, T) pretraining rows, split into the same
     number of minibatches; its NLL times ptx_coef is added to the policy loss (PPO-ptx).
     plan: None (the minibatches are ``minibatch_order(rng, ...)``), or ``packed_plan``'s
     {idx, ptx_idx, packed}: the same order with each minibatch's pairs packed (scoring.Packed
-    with a leading minibatch axis).
+    with a leading minibatch axis). bases: None, or with LoRA {"policy", "value"}: the frozen
+    weights (the reference policy, the reward model) the state's adapters adapt.
     """
+    policy_base, value_base = (None, None) if bases is None else (bases["policy"], bases["value"])
     ptx_rows = 0 if ptx is None else ptx["inputs"].shape[0]
     if plan is None:
         idx, ptx_idx = minibatch_order(rng, hp, rollout.tokens.shape[0], ptx_rows)
@@ -318,12 +324,14 @@ def update_phase(models, hp: Hparams, tx, value_tx, state: PPOState, rollout: Ro
             metrics["explained_variance"] = losses.explained_variance(values, sub.returns, sub.mask)
             return loss, metrics
 
-        (_, pm), grads = jax.value_and_grad(policy_loss, has_aux=True)(state.params)
+        (_, pm), grads = lora.value_and_grad(policy_loss, state.params, policy_base,
+                                             merge_alpha=hp.lora_merge_alpha)  # fmt: skip
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         value_params, value_opt_state, vm = state.value_params, state.value_opt_state, {}
         if hp.critic:
-            (_, vm), vgrads = jax.value_and_grad(value_loss, has_aux=True)(state.value_params)
+            (_, vm), vgrads = lora.value_and_grad(value_loss, state.value_params, value_base,
+                                                  merge_alpha=hp.lora_merge_alpha)  # fmt: skip
             vupdates, value_opt_state = value_tx.update(
                 vgrads, state.value_opt_state, state.value_params
             )
@@ -365,10 +373,11 @@ def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, jax.Array]:
     }
 
 
-def state_init(models: scoring.Models, hp: Hparams, tx, value_tx):
+def state_init(models: scoring.Models, hp: Hparams, tx, value_tx, adapters: bool = False):
     """``init(rng) -> PPOState`` (Flax-boxed; its logical axes give the shardings): the policy,
     its EMA and the value model (none, ``{}``, for RLOO and GRPO), freshly initialized
-    (``run`` then loads SFT and the RM)."""
+    (``run`` then loads SFT and the RM). ``adapters`` (LoRA): the state holds the policy's
+    adapters and the value model's adapters and scalar head only."""
 
     def init(rng):
         example = jnp.zeros((1, 8), jnp.int32)
@@ -377,6 +386,8 @@ def state_init(models: scoring.Models, hp: Hparams, tx, value_tx):
             value = {}
             if hp.critic:
                 value = models.scalar.init(jax.random.fold_in(rng, 1), example)["params"]
+        if adapters:
+            policy, value = lora.split(policy)[1], lora.split(value, ("scalar_head",))[1]
         return PPOState(
             step=jnp.zeros((), jnp.int32),
             params=policy,
@@ -407,10 +418,15 @@ def phases(models: scoring.Models, hp: Hparams, tx, value_tx) -> dict[str, Calla
     }
 
 
-def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, mesh=None):
+def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, mesh=None,
+              adapters: lora.Spec | None = None):  # fmt: skip
     """The PPO iteration as ``step(state, batch, rng) -> (state, metrics)``: four jitted phases
     (the frozen reference and RM params are their arguments). batch: prompt_tokens,
     prompt_mask (B, P) [, ptx rows]. Metrics carry each phase's seconds as ``time/*``.
+
+    With LoRA (``adapters``) the state's params are adapters over ``frozen["ref"]`` (policy)
+    and ``frozen["value_base"]`` (value model): the sampler draws from the merged policy
+    (``lora.merged``: plain weights, plain speed), scoring and the update apply the adapters.
 
     With ``hp.pack``, scoring and the update run over packed (prompt, response) rows built on
     the host from the samples (``scoring.pack``, ``packed_plan``; on many hosts every process
@@ -432,13 +448,29 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
                                last=whole)  # fmt: skip
         return sharding.put_global(packed, mesh, specs)
 
+    bases = None
+    if adapters is not None:
+        bases = {"policy": frozen["ref"], "value": frozen["value_base"]}
+
     def step(state: PPOState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         prompts = (batch["prompt_tokens"], batch["prompt_mask"])
         t0 = time.perf_counter()
-        samples = jax.block_until_ready(gen(state.params, *prompts, jax.random.fold_in(rng, 0)))
+        policy = state.params
+        if adapters is not None:
+            policy = lora.merged(frozen["ref"], policy, adapters.alpha)
+        samples = jax.block_until_ready(gen(policy, *prompts, jax.random.fold_in(rng, 0)))
+        del policy
         t1 = time.perf_counter()
         params = (state.params, state.value_params, frozen["ref"], frozen["rm"])
+        if adapters is not None and adapters.compute == "merged":
+            value = state.value_params and lora.merged(bases["value"], state.value_params,
+                                                       adapters.alpha)  # fmt: skip
+            params = (lora.merged(bases["policy"], state.params, adapters.alpha), value,
+                      *params[2:])  # fmt: skip
+        elif adapters is not None:
+            params = (lora.combine(bases["policy"], state.params),
+                      lora.combine(bases["value"], state.value_params), *params[2:])  # fmt: skip
         packed = plan = None
         if hp.pack:  # many hosts: each gathers the whole rollout and packs it the same way
             host = sharding.to_host((*prompts, samples.tokens, samples.mask))
@@ -452,7 +484,7 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
         t2 = time.perf_counter()
         stats = summarize(rollout)
         state, update_metrics = update(
-            state, rollout, batch.get("ptx"), jax.random.fold_in(rng, 1), plan
+            state, rollout, batch.get("ptx"), jax.random.fold_in(rng, 1), plan, bases
         )
         if hp.target_kl > 0:
             kl_coef = adaptive_kl(state.kl_coef, stats["kl_to_ref"], rollout.tokens.shape[0],
@@ -464,6 +496,17 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
         return state, {**stats, **update_metrics, "kl_coef": state.kl_coef, **times}
 
     return step
+
+
+def merged_state(adapters: lora.Spec, frozen: dict, state: PPOState) -> PPOState:
+    """A LoRA state with plain params (the adapters merged), what evaluators read."""
+    alpha = adapters.alpha
+    return state.replace(
+        params=lora.merged(frozen["ref"], state.params, alpha),
+        ema_params=lora.merged(frozen["ref"], state.ema_params, alpha),
+        value_params=state.value_params  # RLOO, GRPO: none
+        and lora.merged(frozen["value_base"], state.value_params, alpha),
+    )
 
 
 def run(config, workdir: str) -> PPOState:
@@ -509,26 +552,41 @@ def run(config, workdir: str) -> PPOState:
     value_tx, _ = make_optimizer(optimizer_config(config.value_optimizer, updates))
 
     # The policy starts from SFT and the value model from the RM (init_from): the fresh
-    # initialization is never built, only its shardings.
+    # initialization is never built, only its shardings. LoRA: the state holds adapters only.
+    adapters = run.lora
     initial, shardings, abstract = lazy_state(
-        state_init(models, hp, tx, value_tx), run.mesh, run.rules, jax.random.key(int(config.seed))
-    )
+        state_init(models, hp, tx, value_tx, adapters is not None),
+        run.mesh, run.rules, jax.random.key(int(config.seed)),
+    )  # fmt: skip
+    rm_abstract = abstract.value_params if hp.critic else None
+    if adapters is not None or not hp.critic:  # the RM's own tree (no adapters)
+        rm_abstract = lora.split(scalar_abstract(models, run.mesh, run.rules))[0]
+    example = {"tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
     frozen = {
-        "ref": run.load(config.init_from, abstract.params),
-        "rm": run.load(
-            config.ppo.reward_model,
-            abstract.value_params if hp.critic else scalar_abstract(models, run.mesh, run.rules),
-        ),
+        # The reference policy; with LoRA also the base of the policy's adapters.
+        "ref": run.lora_base(models.policy, example)
+        if adapters is not None
+        else run.load(config.init_from, abstract.params),
+        "rm": run.load(config.ppo.reward_model, rm_abstract),
     }
+    value_from = config.ppo.get("value_from") or config.ppo.reward_model
+    if adapters is not None:  # the value model's adapters adapt the RM (or value_from)
+        frozen["value_base"] = frozen["rm"]
+        if value_from != config.ppo.reward_model and hp.critic:
+            frozen["value_base"] = run.load(value_from, rm_abstract)
 
     def init_from(initial):
-        value = {}  # RLOO, GRPO: no value model
-        if hp.critic:
-            value = run.load(
-                config.ppo.get("value_from") or config.ppo.reward_model, abstract.value_params
-            )
-        policy = frozen["ref"]
         copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (state is donated)
+        value = {}  # RLOO, GRPO: no value model
+        if adapters is not None:  # fresh adapters; the value head starts as the RM's
+            policy = initial().params
+            if hp.critic:
+                head = copy(frozen["value_base"]["scalar_head"])
+                value = {**initial().value_params, "scalar_head": head}
+        else:
+            policy = frozen["ref"]
+            if hp.critic:
+                value = run.load(value_from, abstract.value_params)
         return PPOState(
             step=jnp.zeros((), jnp.int32),
             params=copy(policy),
@@ -563,7 +621,7 @@ def run(config, workdir: str) -> PPOState:
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=make_step(models, hp, tx, value_tx, frozen, run.mesh),
+        step_fn=make_step(models, hp, tx, value_tx, frozen, run.mesh, adapters),
         batcher=Batcher(),
         steps=iterations,
         init_from=init_from,
@@ -571,7 +629,9 @@ def run(config, workdir: str) -> PPOState:
         prefix="ppo",
         jit_step=False,
         tokens_per_step=lambda b: int(batch_size * hp.max_new_tokens),
+        view=None if adapters is None else functools.partial(merged_state, adapters, frozen),
     )
-    checkpoint.export_params(workdir, state.ema_params, {"params": "ema", "iterations": iterations})
+    info = {"params": "ema", "iterations": iterations}
+    run.export(state.ema_params, info, frozen["ref"])
     run.finish(iterations=iterations)
     return state

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from instructrl import checkpoint, losses, sharding
+from instructrl import lora, losses, sharding
 from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.data.comparisons import (  # noqa: F401  (rm.* names of the ranking data)
@@ -66,9 +66,11 @@ def batch_rewards(model: Transformer, params, batch, rules, **kwargs) -> jax.Arr
     return values.reshape(-1)[batch["index"]]
 
 
-def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
+def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng, base=None,
+            merge_alpha=None):  # fmt: skip
     """One update on eq. (1). batch: a padded or packed ranking batch (``batch_rewards``) with
-    ranks, mask (B, K)."""
+    ranks, mask (B, K). ``base``: LoRA's frozen trunk (``state.params`` then holds the
+    adapters and the scalar head), ``merge_alpha`` its ``Spec.merge_alpha``."""
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
@@ -78,7 +80,9 @@ def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng):
         )  # fmt: skip
         return losses.ranking_loss(rewards, batch["ranks"], batch["mask"])
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, metrics), grads = lora.value_and_grad(
+        loss_fn, state.params, base, merge_alpha=merge_alpha
+    )
     state, norms = apply_gradients(state, grads, tx)
     return state, {"loss": loss, **metrics, **norms}
 
@@ -152,6 +156,8 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     labelers of the eval rankings who ranked no training prompt (``unseen_labelers``).
     """
     run = Run(config, workdir)
+    if run.lora is not None:  # the new head is trained in full beside the adapters
+        run.lora = run.lora.with_train("scalar_head")
     model = Transformer(run.model_cfg, head="scalar")
     data = config.data
     seq_len, template = int(data.seq_len), data.get("template", "{prompt}\n\n")
@@ -183,11 +189,12 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
     k = train_arrays["tokens"].shape[1]
     example = {"tokens": jax.ShapeDtypeStruct((batch_size * k, seq_len), jnp.int32)}
     initial, shardings, abstract = lazy_state(
-        train_state_init(model, tx, example, run.rules),
+        train_state_init(model, tx, example, run.rules, run.trainable),
         run.mesh,
         run.rules,
         jax.random.key(int(config.seed)),
     )
+    base = run.lora_base(model, example)  # LoRA: init_from's trunk, frozen
     info = {
         "rankings": len(rankings),
         "invalid_skipped": invalid,
@@ -211,27 +218,33 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=functools.partial(rm_step, model, tx, run.rules),
+        step_fn=functools.partial(
+            rm_step, model, tx, run.rules, merge_alpha=run.lora and run.lora.merge_alpha
+        ),
         batcher=batcher,
         steps=steps,
         schedule=schedule,
-        init_from=init_from if config.get("init_from") else None,
+        init_from=init_from if config.get("init_from") and base is None else None,
         eval_context={"model": model, "eval_arrays": eval_arrays},
         prefix="rm",
+        frozen=() if base is None else (base,),
+        view=run.merged_view(base),
         tokens_per_step=lambda b: (
             int((b["segment_ids"] > 0).sum() if "index" in b else (b["last"] + 1)[b["mask"]].sum())
             * jax.process_count()
         ),
     )
-    params, bias = state.params, 0.0
+    bias = 0.0
     if config.rm.get("normalize_with"):
         demos, _ = sources.read_demonstrations(config.rm.normalize_with, skip_invalid=True)
         demos = demos[: int(config.rm.get("normalize_examples", 256))]
         bias = normalization_bias(
-            model, params, run.rules, run.mesh, run.tokenizer, demos, seq_len, template
-        )
-        params = add_reward_bias(params, bias)
-    checkpoint.export_params(workdir, params, {"reward_bias": bias, **info, "total_steps": steps})
+            model, lora.full(state.params, base), run.rules, run.mesh, run.tokenizer, demos,
+            seq_len, template,
+        )  # fmt: skip
+    # LoRA: the head (with its bias) is among the trainable params the export merges.
+    params = add_reward_bias(state.params, bias)
+    run.export(params, {"reward_bias": bias, **info, "total_steps": steps}, base)
     run.finish(reward_bias=bias)
     return state.replace(params=params)
 

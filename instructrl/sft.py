@@ -9,12 +9,13 @@ selected on validation data (``checkpoint.select_by``).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from instructrl import losses, sharding
+from instructrl import checkpoint, lora, losses, sharding
 from instructrl.data import files, formats, sources
 from instructrl.data import lm as lm_data
 from instructrl.data import pipeline as data_pipeline
@@ -31,9 +32,11 @@ from instructrl.train import (
 )
 
 
-def lm_step(model: Transformer, tx, rules, state, batch, rng):
+def lm_step(model: Transformer, tx, rules, state, batch, rng, base=None, merge_alpha=None):
     """One update on masked NLL. batch: inputs, targets, loss_mask (B, T) [, positions,
-    segment_ids (B, T)]. Pure: (state, batch, rng) -> (state, metrics)."""
+    segment_ids (B, T)]. Pure: (state, batch, rng) -> (state, metrics). ``base``: LoRA's
+    frozen weights (``state.params`` then holds the adapters), ``merge_alpha`` its
+    ``Spec.merge_alpha`` (``lora.value_and_grad``)."""
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng = jax.random.fold_in(rng, 0)
 
@@ -49,7 +52,9 @@ def lm_step(model: Transformer, tx, rules, state, batch, rng):
             )  # (B, T, V)
         return losses.masked_nll(logits, batch["targets"], batch["loss_mask"])
 
-    (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, num_tokens), grads = lora.value_and_grad(
+        loss_fn, state.params, base, merge_alpha=merge_alpha
+    )
     state, norms = apply_gradients(state, grads, tx)
     return state, {"loss": loss, "num_tokens": num_tokens, **norms}
 
@@ -128,11 +133,12 @@ def run(config, workdir: str):
     tx, schedule = make_optimizer(optimizer_config(config.optimizer, steps))
     example = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)}
     initial, shardings, abstract = lazy_state(
-        train_state_init(model, tx, example, run.rules),
+        train_state_init(model, tx, example, run.rules, run.trainable),
         run.mesh,
         run.rules,
         jax.random.key(int(config.seed)),
     )
+    base = run.lora_base(model, example)  # LoRA: init_from's weights, frozen
     run.write_info(
         steps_per_epoch=batcher.steps_per_epoch,
         train_examples=batcher.size,
@@ -148,14 +154,23 @@ def run(config, workdir: str):
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=functools.partial(lm_step, model, tx, run.rules),
+        step_fn=functools.partial(
+            lm_step, model, tx, run.rules, merge_alpha=run.lora and run.lora.merge_alpha
+        ),
         batcher=batcher,
         steps=steps,
         schedule=schedule,
-        init_from=init_from if config.get("init_from") else None,
+        init_from=init_from if config.get("init_from") and base is None else None,
         eval_context={"model": model, "eval_arrays": eval_arrays, "eval_prompts": eval_prompts},
         prefix=config.get("stage", "sft"),
         tokens_per_step=lambda b: int(b["loss_mask"].size) * jax.process_count(),
+        frozen=() if base is None else (base,),
+        view=run.merged_view(base),
     )
+    if base is not None:  # LoRA: the checkpoints hold adapters; later stages read plain params
+        if os.path.basename(checkpoint.params_source(workdir)[0]) != "best":
+            run.export(state.params, {"total_steps": steps}, base)
+        elif run.lora.export == "separate":  # best/ holds the best params, merged
+            lora.write_adapters(workdir, run.lora, state.params, {"base": config.init_from})
     run.finish()
     return state

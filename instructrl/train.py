@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from instructrl import checkpoint, convert, evaluators, fs, sharding
+from instructrl import checkpoint, convert, evaluators, fs, lora, sharding
 from instructrl.metrics import (
     MetricWriter,
     Progress,
@@ -107,14 +107,28 @@ def state_dict(state) -> dict[str, Any]:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def train_state_init(model: nn.Module, tx, example: dict, rules) -> Callable:
-    """``init(rng) -> TrainState`` (Flax-boxed params, whose logical axes give the shardings).
+def params_init(model: nn.Module, example: dict, rules) -> Callable:
+    """``init(rng) -> params`` (Flax-boxed, whose logical axes give the shardings).
     example: keyword inputs of ``model.init`` (shapes only)."""
 
     def init(rng):
         with nn.logical_axis_rules(rules):
             params = model.init(rng, **{k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()})
-        params = params["params"]
+        return params["params"]
+
+    return init
+
+
+def train_state_init(model: nn.Module, tx, example: dict, rules, trainable=None) -> Callable:
+    """``init(rng) -> TrainState`` (Flax-boxed params, whose logical axes give the shardings).
+    example: keyword inputs of ``model.init`` (shapes only). ``trainable``: the part of the
+    params the state trains (``Run.trainable``: LoRA's adapters), all of them when None."""
+    init_params = params_init(model, example, rules)
+
+    def init(rng):
+        params = init_params(rng)
+        if trainable is not None:
+            params = trainable(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
@@ -191,7 +205,13 @@ class Run:
     """One training stage in one workdir: the set-up every stage shares, then ``fit``.
 
     Attributes: config, workdir, tokenizer, model_cfg (``presets.model_config``; dropout 0 with
-    ``deterministic=True``), mesh, rules, is_main, timers, info (run_info.json fields).
+    ``deterministic=True``; with LoRA, adapters on its targets), mesh, rules, is_main, timers,
+    info (run_info.json fields), lora (``lora.Spec`` of ``config.lora``; None: full
+    fine-tuning).
+
+    With LoRA a stage's state trains ``trainable(params)`` only (``train_state_init``), its
+    step reads the frozen base (``lora_base``) as an argument, and evaluation, the best
+    params and the export see the merged weights (``merged_view``).
     """
 
     def __init__(self, config, workdir: str, deterministic: bool = False):
@@ -199,6 +219,9 @@ class Run:
         fs.makedirs(workdir)
         self.tokenizer: Tokenizer = make_tokenizer(config.tokenizer)
         cfg: ModelConfig = model_config(config, self.tokenizer)
+        self.lora: lora.Spec | None = lora.Spec.from_config(config)
+        if self.lora is not None:
+            cfg = self.lora.model_config(cfg)
         self.model_cfg = dataclasses.replace(cfg, dropout=0.0) if deterministic else cfg
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.rules_from_config(config.get("logical_rules"))
@@ -214,6 +237,50 @@ class Run:
             log.warning(
                 "%s: skipped %s %s (see run_info.json)", self.config.get("stage"), shown, what
             )
+
+    @property
+    def trainable(self) -> Callable | None:
+        """params -> the part a LoRA state trains (adapters and ``lora.train`` modules);
+        None in full fine-tuning."""
+        if self.lora is None:
+            return None
+        train = self.lora.train
+        return lambda params: lora.split(params, train)[1]
+
+    def lora_base(self, model: nn.Module, example: dict, source: str | None = None):
+        """With LoRA, the frozen base: the params of ``source`` (default ``config.init_from``)
+        in the adapted model's shardings, without the adapters and ``lora.train`` modules.
+        None in full fine-tuning."""
+        if self.lora is None:
+            return None
+        source = source or self.config.get("init_from")
+        if not source:
+            raise ValueError(
+                "config.lora.rank > 0 adapts a trained model: set config.init_from (the stage "
+                "workdir, hf:DIR or gguf:FILE whose weights stay frozen)"
+            )
+        init = params_init(model, example, self.rules)
+        _, abstract = sharding.abstract_sharded(init, self.mesh, self.rules, jax.random.key(0))
+        return self.load(source, lora.split(abstract, self.lora.train)[0])
+
+    def merged_view(self, base) -> Callable | None:
+        """state -> the same state with plain params (the adapters merged into ``base``), what
+        evaluators, the best params and the export read; None in full fine-tuning."""
+        if self.lora is None:
+            return None
+        alpha = self.lora.alpha
+        return lambda state: state.replace(params=lora.merged(base, state.params, alpha))
+
+    def export(self, params, info: dict | None = None, base=None) -> None:
+        """workdir/export (what later stages read): ``params``, or with LoRA the adapters
+        ``params`` merged into ``base``; ``lora.export`` "separate" also writes the adapters
+        alone (``lora.write_adapters``)."""
+        if self.lora is not None:
+            if self.lora.export == "separate":
+                lora.write_adapters(self.workdir, self.lora, params,
+                                    {"base": self.config.get("init_from", "")})  # fmt: skip
+            params = lora.merged(base, params, self.lora.alpha)
+        checkpoint.export_params(self.workdir, params, info)
 
     def load(self, source: str, abstract):
         """Params of ``source`` (a stage workdir, hf:DIR or gguf:FILE) into ``abstract``."""
@@ -236,6 +303,7 @@ class Run:
         tokens_per_step: Callable[[dict], int] | None = None,
         schedule: Callable | None = None,
         frozen: tuple = (),
+        view: Callable | None = None,
     ):
         """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
 
@@ -244,7 +312,8 @@ class Run:
         with (it calls ``initial()`` only for values it keeps, such as a new head).
         ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric.
         ``frozen``: arrays passed to every step after the rng (``jit_train_step``), placed on
-        their own shardings."""
+        their own shardings. ``view(state)``: the state evaluators and the best params see
+        (``merged_view``: LoRA's adapters merged into the base)."""
         if schedule is not None:
             step_fn = with_lr(step_fn, schedule)
         config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers
@@ -297,7 +366,7 @@ class Run:
 
         def evaluate(name, evaluator, state, step):
             with timers.time("evaluation"):
-                results = to_floats(evaluator.run(state))
+                results = to_floats(evaluator.run(state if view is None else view(state)))
             check_finite(results, step)
             writer.write(step, results)
             log.info("step %d %s: %s", step, name, results)
@@ -343,7 +412,7 @@ class Run:
                         results = evaluate(name, evaluator, state, done)
                         if best is not None:
                             with timers.time("checkpointing"):
-                                best.update(done, results, state)
+                                best.update(done, results, state, view)
                 saved = done % every_save == 0 or done == steps
                 if saved:
                     with timers.time("checkpointing"):
@@ -468,13 +537,15 @@ class _Best:
         if self.mngr.latest_step() is not None and fs.exists(record):
             self.value = json.loads(fs.read_text(record))["value"]
 
-    def update(self, step: int, results: dict[str, float], state) -> None:
+    def update(self, step: int, results: dict[str, float], state, view=None) -> None:
         if self.metric not in results:
             return
         value = results[self.metric]
         if self.value is not None and self.sign * value >= self.sign * self.value:
             return
         self.value = value
+        if view is not None:  # the params a later stage reads (LoRA: merged)
+            state = view(state)
         if step in self.mngr.all_steps():  # a resumed run on a new schedule passes it again
             self.mngr.delete(step)
         checkpoint.save(self.mngr, step, {"params": state.params}, force=True)

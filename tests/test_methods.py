@@ -1,7 +1,8 @@
 """The methods beyond the paper on the toy task (tests/toy_task.py: more 'a' than 'b' is
 better), from its SFT policy, rankings and reward model. DPO: packed response log-probs
 against each sequence alone; it learns, pairwise and listwise; a preempted run resumes to the
-uninterrupted run's params. Best-of-n: the RM's and the gold score rise with n."""
+uninterrupted run's params. Best-of-n: the RM's and the gold score rise with n. LoRA: PPO
+with adapters learns holding adapters only; a preempted LoRA SFT run resumes exactly."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from instructrl import best_of_n, dpo, sharding
+from instructrl import best_of_n, dpo, lora, ppo, sft, sharding
 from instructrl.data.comparisons import PackedRankingBatcher, encode_rankings
 from instructrl.model import Transformer
 from instructrl.policy_io import Toolkit
@@ -109,7 +110,13 @@ def trained(toy):
         workdir = str(root / f"dpo_{loss}")
         dpo.run(_config(root, loss), workdir)
         out[loss] = workdir
+    # LoRA: rank-8 adapters over the SFT policy, which is also the reference (one copy).
+    out["lora"] = str(root / "dpo_lora")
+    dpo.run(_config(root, "pairwise", **LORA_DPO), out["lora"])
     return root, out
+
+
+LORA_DPO = {"lora.rank": 8, "optimizer.lr": 1e-3}
 
 
 def _rows(workdir):
@@ -117,7 +124,7 @@ def _rows(workdir):
     return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in rows]
 
 
-@pytest.mark.parametrize("loss", dpo.LOSSES)
+@pytest.mark.parametrize("loss", [*dpo.LOSSES, "lora"])
 def test_dpo_raises_the_rm_and_gold_scores_of_its_samples_over_sft(trained, loss):
     import toy_task
 
@@ -178,3 +185,96 @@ def test_best_of_n_raises_the_rm_and_gold_scores_with_n(toy):
     assert gold[0] + 0.1 < gold[1] < gold[2]
     assert best_of_n.analytic_kl(1) == 0.0
     np.testing.assert_allclose(best_of_n.analytic_kl(16), np.log(16) - 15 / 16)
+
+
+def _checkpoint_tree(directory):
+    """{path: (shape, dtype)} of the newest orbax checkpoint in ``directory`` (metadata)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())
+    meta = mngr.item_metadata(mngr.latest_step())
+    mngr.close()
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_lora_ppo_raises_the_rm_and_gold_scores_holding_adapters_only(toy):
+    """PPO with rank-8 adapters on every projection of the policy and the value model: the
+    RM's and the gold score of its (merged, exported) policy's samples rise against SFT; its
+    checkpoints hold adapters, their optimizer state and the value head only; the export
+    is SFT's weights wherever no adapter is (the base stayed frozen), and the adapters
+    exported alone as safetensors merge into SFT's weights to the same export."""
+    import toy_task
+
+    from instructrl.convert.__main__ import main as convert_main
+
+    root, config = toy
+    c = config()
+    c.lora.rank, c.lora.export = 8, "separate"
+    c.optimizer.lr = 1e-3  # adapters take a larger step than full weights
+    c.ppo.ema_decay = 0.5  # the exported EMA: about the last updates' adapters
+    workdir = str(root / "ppo_lora")
+    ppo.run(c, workdir)
+    saved = _checkpoint_tree(os.path.join(workdir, "checkpoints"))
+    params = [p for p in saved if p.startswith(("['params']", "['ema_params']"))]
+    assert params and all(lora.is_adapter(p.rsplit("'", 2)[-2]) for p in params), params[:4]
+    assert all(lora.is_adapter(p.rsplit("'", 2)[-2]) or "scalar_head" in p
+               for p in saved if p.startswith("['value_params']"))  # fmt: skip
+    tk = Toolkit.from_workdir(workdir)
+    sft_params, exported = tk.params(str(root / "sft")), tk.params(workdir)
+    kept = changed = 0
+    for (path, want), (_, got) in zip(*(jax.tree_util.tree_flatten_with_path(t)[0]
+                                        for t in (sft_params, exported)), strict=True):  # fmt: skip
+        name = jax.tree_util.keystr(path)
+        adapted = name.endswith("['kernel']") and any(f"['{t}']" in name for t in
+                                                      lora.LORA_TARGETS)  # fmt: skip
+        if adapted:
+            changed += not np.array_equal(got, want)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            kept += 1
+    assert kept >= 5 and changed >= 4, (kept, changed)
+    out = convert_main(["--export", workdir, "--out", str(root / "ppo_lora_adapter"), "--adapter"])
+    adapters, spec = lora.read_safetensors(out)
+    assert (spec["rank"], spec["alpha"], spec["base"]) == (8, 16.0, str(root / "sft"))
+    merged = lora.merge(lora.combine(jax.device_get(sft_params), adapters), spec["alpha"])
+    chex.assert_trees_all_close(merged, jax.device_get(exported), rtol=1e-6, atol=1e-6)
+    rm_params = tk.params(str(root / "rm"), head="scalar")
+    measured = {}
+    for name, params in (("sft", sft_params), ("lora", exported)):
+        batch = tk.sample(params, toy_task.PROMPTS * 16, max_new_tokens=16,
+                          template="{prompt}\n\n")  # fmt: skip
+        measured[name] = toy_task.frac_a(batch.texts), float(tk.rm_scores(rm_params, batch).mean())
+    print("LoRA PPO frac_a, rm score:", measured)
+    (gold_sft, rm_sft), (gold_lora, rm_lora) = measured["sft"], measured["lora"]
+    assert gold_lora > gold_sft + 0.1
+    assert rm_lora > rm_sft + 1.0
+
+
+def test_preempted_lora_sft_resumes_to_the_uninterrupted_adapters(toy, monkeypatch):
+    """LoRA SFT from the toy SFT policy, SIGTERMed after a step no schedule saves: the relaunch
+    resumes there and ends with the uninterrupted run's adapters, best (merged) params and
+    metrics, bit for bit."""
+    import sft as sft_config  # configs/sft.py
+
+    root, _ = toy
+    c = sft_config.get_config(f"runlocal,data={root}/demos.jsonl").unlock()
+    c.init_from, c.lora.rank = str(root / "sft"), 4
+    c.train.steps, c.train.progress, c.data.seq_len = 16, False, 32
+    c.checkpoint.every_steps, c.evals.heldout.every_steps = 8, 8
+    del c.evals["samples"]
+    workdirs = {name: str(root / f"sft_lora_{name}") for name in ("whole", "resumed")}
+    sft.run(c, workdirs["whole"])
+    monkeypatch.setenv(SIGTERM_ENV, "sft_lora_resumed:11")
+    with pytest.raises(Preempted):
+        sft.run(c, workdirs["resumed"])
+    sft.run(c, workdirs["resumed"])
+    with open(os.path.join(workdirs["resumed"], "run_info.json")) as f:
+        assert json.load(f)["resumed_from"] == 11
+    for sub in ("checkpoints", "best"):
+        want, got = (_checkpoint_tree(os.path.join(workdirs[n], sub)) for n in ("whole", "resumed"))
+        assert want.keys() == got.keys()
+    tk = Toolkit.from_workdir(workdirs["whole"])
+    want, got = (tk.params(workdirs[n]) for n in ("whole", "resumed"))  # best/: merged
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+    assert _rows(workdirs["resumed"]) == _rows(workdirs["whole"])

@@ -16,7 +16,10 @@ as a Hugging Face directory that ``transformers`` loads unchanged:
   python -m instructrl.convert --export runs/main/rm --out hf/rm   # *ForSequenceClassification
 
 The stage's model and tokenizer come from its ``run_info.json``; an RM stage is exported with
-its scalar head (``--head`` overrides).
+its scalar head (``--head`` overrides). A LoRA stage's export is merged (plain weights); one
+trained with ``--config.lora.export=separate`` also exports its adapters alone:
+
+  python -m instructrl.convert --export runs/lora_ppo --out hf/lora_ppo_adapter --adapter
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import jax
 import ml_collections
 
+from instructrl import lora
 from instructrl.convert.hf import export_hf
 from instructrl.convert.workdir import import_to_workdir
 from instructrl.policy_io import Toolkit
@@ -61,6 +65,8 @@ def main(argv=None):
     parser.add_argument("--export", metavar="STAGE_WORKDIR", help="export: a trained stage")
     parser.add_argument("--out", help="export: the Hugging Face directory to write")
     parser.add_argument("--head", choices=("lm", "scalar"), default=None)
+    parser.add_argument("--adapter", action="store_true",
+                        help="export: the stage's LoRA adapters alone (safetensors)")  # fmt: skip
     args = parser.parse_args(argv)
     if bool(args.export) == bool(args.source):
         parser.error("give --source and --workdir (import) or --export and --out (export)")
@@ -68,6 +74,10 @@ def main(argv=None):
         parser.error("--source needs --workdir; --export needs --out")
     logging.basicConfig(level=logging.INFO)
     jax.config.update("jax_threefry_partitionable", True)
+    if args.export and args.adapter:
+        out = lora.export_safetensors(args.export, args.out)
+        print(f"exported the adapters of {args.export} -> {out}")
+        return out
     if args.export:
         out = export_stage(args.export, args.out, args.head)
         print(f"exported {args.export} -> {out}")
