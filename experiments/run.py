@@ -7,7 +7,8 @@
 NAME: ptx_vs_ppo (a), kl_sweep (b), ptx_sweep (c), rm_batching (d), size (e),
 rm_generalization (f), overoptimization (g), signal (where the comparisons' signal is lost),
 departures (PPO-ptx with each of the fidelity issue's known departures fixed), methods (PPO,
-PPO-ptx, RLOO, GRPO, DPO pairwise / listwise and best-of-n from the same SFT, rankings and RM).
+PPO-ptx, RLOO, GRPO, LoRA PPO, DPO pairwise / listwise and best-of-n from the same SFT,
+rankings and RM).
 All share DIR's world, base model, SFT policy, rankings and reward model, so running several
 experiments in one DIR builds those once.
 Writes DIR/results_<NAME>.{json,md} and prints the table.
@@ -366,20 +367,95 @@ def _param_count(stage_config) -> int:
     return count_params(model_config(stage_config, make_tokenizer(stage_config.tokenizer)))
 
 
-METHOD_COLUMNS = ["method", "win_rate_vs_sft", "gold_score", "likert", "rm_score", "kl_to_sft",
-                  "pretrain_loss", "samples_per_answer", "train_seconds"]  # fmt: skip
+def _matmul_params(stage_config) -> int:
+    """Parameters in matrix products: all but GPT's position table (the tied embedding counts
+    once, as the LM head)."""
+    from instructrl.presets import model_config
+    from instructrl.tokenizer import make_tokenizer
+
+    cfg = model_config(stage_config, make_tokenizer(stage_config.tokenizer))
+    return _param_count(stage_config) - (cfg.max_len * cfg.d_model if cfg.family == "gpt" else 0)
+
+
+def training_flops(stage_dir: str) -> float:
+    """Model FLOPs a DPO or PPO-family stage spent training, from its run_info and metrics:
+    per token 2N forward, 6N trained (4N with LoRA's ``lora.compute=adapters``: forward and
+    input gradients, the frozen base gets no weight gradient; "merged" forms it), N the
+    parameters in matrix products (Kaplan et al. 2020; attention scores left out), over the
+    real tokens it processed (no padding).
+
+    PPO, per iteration of B answers to prompts of mean length p with responses of mean
+    length r (its metrics): sampling (B (p + r) forward), scoring (policy, reference, reward
+    and, with GAE, value model: 3 or 4 forwards), the update (epochs x B (p + r) trained
+    tokens of the policy and the value model) and ptx (epochs x its rows x seq_len trained
+    tokens of the policy). DPO: per epoch every training ranking's prompt once and each of
+    its responses (one packed sequence), trained, plus the reference's forward."""
+    import ml_collections
+
+    from instructrl.data import lm as lm_data
+    from instructrl.data import sources
+    from instructrl.data.comparisons import load_arrays
+    from instructrl.tokenizer import make_tokenizer
+
+    with open(os.path.join(stage_dir, "run_info.json")) as f:
+        info = json.load(f)
+    c = ml_collections.ConfigDict(info["config"])
+    n = _matmul_params(c)
+    forward = 2.0 * n
+    section = c.get("lora") or {}
+    adapters = int(section.get("rank", 0)) and section.get("compute", "merged") == "adapters"
+    train = (4.0 if adapters else 6.0) * n  # lora.compute "merged" forms W's gradient
+    tokenizer = make_tokenizer(c.tokenizer)
+    if c.stage == "dpo":
+        loaded = load_arrays(c, tokenizer, int(c.dpo.max_responses))
+        a = loaded.train
+        responses = np.where(a["mask"], a["last"] + 1 - a["prompt"], 0).sum()
+        tokens = float(responses + a["prompt"][:, 0].sum())  # one prompt per ranking
+        epochs = info["total_steps"] * int(c.train.batch_size) / info["train_elements"]
+        return epochs * tokens * (train + forward)
+    records = sources.read_prompt_records(c.data.path)[int(c.data.eval_prompts) :]
+    template = c.data.get("template", "{prompt}\n\n")
+    _, mask = lm_data.encode_prompts(tokenizer, records, template, int(c.data.max_prompt_len))
+    prompt = float(np.asarray(mask).sum(1).mean())
+    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+        lengths = [
+            r["ppo/response_length"] for r in map(json.loads, f) if "ppo/response_length" in r
+        ]
+    critic = c.ppo.get("estimator", "gae") == "gae"
+    batch, epochs = int(c.ppo.batch_size), int(c.ppo.epochs)
+    ptx = int(c.ppo.batch_size) * int(c.ptx.multiplier) * int(c.ptx.seq_len) if float(
+        c.ptx.coef) > 0 else 0  # fmt: skip
+    total = 0.0
+    for r in lengths:
+        tokens = batch * (prompt + r)
+        total += tokens * forward * (1 + 3 + critic)  # sampling, scoring
+        total += epochs * (tokens * train * (1 + critic) + ptx * train)
+    return total
+
+
+METHOD_COLUMNS = [
+    "method", "win_rate_vs_sft", "gold_score", "likert", "rm_score", "kl_to_sft",
+    "pretrain_loss", "samples_per_answer", "train_tflops", "train_seconds",
+]  # fmt: skip
 BEST_OF_N_COLUMNS = ["n", "win_rate_vs_sft", "gold_score", "likert", "rm_score", "kl_to_sft"]
+
+
+# LoRA PPO: rank 8 (alpha 16) on every projection of the policy and the value model, each
+# optimizer at 10x its full-weight learning rate (adapters start at zero: B = 0).
+LORA = {"lora.rank": 8, "optimizer.lr": 1e-3, "value_optimizer.lr": 3e-3}
 
 
 def methods(config, workdir, tiny):
     """Each post-SFT method from the same SFT policy, rankings and reward model of DIR,
     judged on the same held-out prompts by the same held-out labelers and the gold rubric:
     PPO, PPO-ptx, RLOO and GRPO (the pipeline's ``rl`` section; RLOO and GRPO with 4 answers
-    per prompt, the same answers per iteration), DPO pairwise and DPO listwise (its ``dpo``
+    per prompt, the same answers per iteration), LoRA PPO (``LORA``: rank-8 adapters on every
+    projection of the policy and the value model), DPO pairwise and DPO listwise (its ``dpo``
     section) and best-of-n of SFT with the RM (its ``best_of_n.n``; the table shows n = 16,
-    or the largest, and a second table every n). Cost: each stage's wall time on this
-    machine, trained alone (run_info), and the policy samples one answer costs. KL to SFT is
-    a sample estimate on each model's answers, for best-of-n its closed form."""
+    or the largest, and a second table every n). Cost: each stage's training FLOPs
+    (``training_flops``, sampling and scoring included) and wall time on this machine,
+    trained alone (run_info), and the policy samples one answer costs. KL to SFT is a sample
+    estimate on each model's answers, for best-of-n its closed form."""
     coef = float(config.ptx_coef)
     group = {"ppo.group_size": 4, "ptx.coef": 0.0}  # 4 answers per prompt, as many in all
     variants = {
@@ -388,6 +464,8 @@ def methods(config, workdir, tiny):
         "rloo": {"ppo.estimator": "rloo", **group},
         "grpo": {"ppo.estimator": "grpo", **group},
     }
+    if not tiny:  # the suite's tiny run leaves it to tests/test_methods.py's LoRA PPO test
+        variants["lora_ppo"] = {"ptx.coef": 0.0, **LORA}
     policies = {  # each trained alone, one after another: comparable wall times (not --tiny)
         name: common.ppo_variant(config, workdir, name, overrides, reuse=tiny)
         for name, overrides in variants.items()
@@ -408,16 +486,18 @@ def methods(config, workdir, tiny):
     rows = []
     for name in ("sft", *policies):
         m = models[name]
-        seconds = None
+        seconds = flops = None
         if name in policies:
             with open(os.path.join(policies[name], "run_info.json")) as f:
                 seconds = json.load(f)["seconds"]["total"]
-        rows.append({"method": name, **{k: m[k] for k in METHOD_COLUMNS[1:-2]},
-                     "samples_per_answer": 1, "train_seconds": seconds})  # fmt: skip
+            flops = training_flops(policies[name]) / 1e12
+        rows.append({"method": name, **{k: m[k] for k in METHOD_COLUMNS[1:-3]},
+                     "samples_per_answer": 1, "train_tflops": flops,
+                     "train_seconds": seconds})  # fmt: skip
     m = bon["models"][f"best_of_{shown}"]
-    rows.append({"method": f"best_of_{shown}", **{k: m[k] for k in METHOD_COLUMNS[1:-3]},
+    rows.append({"method": f"best_of_{shown}", **{k: m[k] for k in METHOD_COLUMNS[1:-4]},
                  "pretrain_loss": models["sft"]["pretrain_loss"], "samples_per_answer": shown,
-                 "train_seconds": 0.0})  # fmt: skip
+                 "train_tflops": 0.0, "train_seconds": 0.0})  # fmt: skip
     curve = [{"n": n, **{k: bon["models"][f"best_of_{n}"][k] for k in BEST_OF_N_COLUMNS[1:]}}
              for n in bon["n"]]  # fmt: skip
     md = common.table(rows, METHOD_COLUMNS) + "\n\nBest-of-n:\n\n"
@@ -451,6 +531,7 @@ def methods_seeds(config, workdir, tiny, seed_list):
                 **{k: float(np.mean([r[k] for r in runs]))
                    for k in ("gold_score", "likert", "rm_score", "kl_to_sft", "pretrain_loss")},
                 "samples_per_answer": runs[0]["samples_per_answer"],
+                "train_tflops": float(np.mean([r["train_tflops"] for r in runs])),
                 "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
             }
         )  # fmt: skip
