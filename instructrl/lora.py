@@ -27,12 +27,12 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from instructrl import checkpoint, fs
+from instructrl.convert.adapters import ADAPTER_DIR
 from instructrl.model import LORA_TARGETS, ModelConfig
 
 SUFFIXES = ("_lora_a", "_lora_b")
@@ -45,7 +45,6 @@ EXPORTS = ("merged", "separate")
 # policy and the value model took 7x as long as with "merged", which took 0.9x full
 # fine-tuning's; on an accelerator at scale "adapters" should be the faster one).
 COMPUTES = ("merged", "adapters")
-ADAPTER_DIR = "adapter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +201,8 @@ def nbytes(tree) -> int:
 def write_adapters(workdir: str, spec: Spec, trainable, info: dict | None = None) -> str:
     """workdir/adapter: the trainable params alone (orbax, as a stage's export) and
     ``adapter.json`` (rank, alpha, targets, the base it was trained on): ``lora.export``
-    "separate". ``load_adapters`` reads them back; ``python -m instructrl.convert --export
-    WORKDIR --adapter`` writes them as safetensors."""
+    "separate". ``python -m instructrl.convert --export WORKDIR --adapter`` writes them as
+    safetensors (``convert.adapters``)."""
     directory = os.path.join(workdir, ADAPTER_DIR)
     mngr = checkpoint.manager(directory, keep=1, async_save=False)
     step = (mngr.latest_step() or 0) + 1
@@ -214,61 +213,3 @@ def write_adapters(workdir: str, spec: Spec, trainable, info: dict | None = None
         record = {**dataclasses.asdict(spec), "bytes": nbytes(trainable), **(info or {})}
         fs.write_atomic(os.path.join(directory, "adapter.json"), json.dumps(record, indent=2))
     return directory
-
-
-def read_spec(workdir: str) -> dict[str, Any]:
-    """The ``adapter.json`` a stage wrote with its adapters."""
-    return json.loads(fs.read_text(os.path.join(workdir, ADAPTER_DIR, "adapter.json")))
-
-
-def stage_adapters(workdir: str) -> dict:
-    """The adapters a stage wrote (``write_adapters``) as NumPy arrays, any process layout."""
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    directory = os.path.join(fs.absolute(workdir), ADAPTER_DIR)
-    if not fs.isdir(directory):
-        raise FileNotFoundError(
-            f"{directory}: no adapters (train with --config.lora.export=separate)"
-        )
-    mngr = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())
-    step = mngr.latest_step()
-    meta = mngr.item_metadata(step)
-    meta = meta.tree if hasattr(meta, "tree") else meta
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    out = mngr.restore(step, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
-    mngr.close()
-    return out
-
-
-def export_safetensors(workdir: str, out: str) -> str:
-    """A stage's adapters (``lora.export`` "separate") as ``out/adapter_model.safetensors``
-    (each tensor named by its param path, "layers.attn.query_lora_a"; scanned layers keep
-    their leading layer axis) and ``out/adapter_config.json`` (rank, alpha, targets, the base
-    stage); ``read_safetensors`` reads them back, ``merge`` folds them into the base."""
-    import numpy as np
-    from flax import traverse_util
-
-    from instructrl.convert.safetensors import save_file
-
-    flat = traverse_util.flatten_dict(stage_adapters(workdir), sep=".")
-    os.makedirs(out, exist_ok=True)
-    tensors = [(name, x.shape, x.dtype, lambda x=x: np.asarray(x)) for name, x in flat.items()]
-    save_file(os.path.join(out, "adapter_model.safetensors"), tensors)
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(read_spec(workdir), f, indent=2)
-    return out
-
-
-def read_safetensors(directory: str) -> tuple[dict, dict[str, Any]]:
-    """(adapters as a nested dict of NumPy arrays, adapter_config) of ``export_safetensors``."""
-    import numpy as np
-    from flax import traverse_util
-
-    from instructrl.convert.safetensors import SafetensorsReader
-
-    reader = SafetensorsReader(directory)
-    flat = {name: np.array(reader.read(name)) for name in reader.names()}
-    with open(os.path.join(directory, "adapter_config.json")) as f:
-        spec = json.load(f)
-    return traverse_util.unflatten_dict(flat, sep="."), spec

@@ -207,6 +207,7 @@ def test_lora_ppo_raises_the_rm_and_gold_scores_holding_adapters_only(toy):
     import toy_task
 
     from instructrl.convert.__main__ import main as convert_main
+    from instructrl.convert.adapters import read_safetensors
 
     root, config = toy
     c = config()
@@ -235,7 +236,7 @@ def test_lora_ppo_raises_the_rm_and_gold_scores_holding_adapters_only(toy):
             kept += 1
     assert kept >= 5 and changed >= 4, (kept, changed)
     out = convert_main(["--export", workdir, "--out", str(root / "ppo_lora_adapter"), "--adapter"])
-    adapters, spec = lora.read_safetensors(out)
+    adapters, spec = read_safetensors(out)
     assert (spec["rank"], spec["alpha"], spec["base"]) == (8, 16.0, str(root / "sft"))
     merged = lora.merge(lora.combine(jax.device_get(sft_params), adapters), spec["alpha"])
     chex.assert_trees_all_close(merged, jax.device_get(exported), rtol=1e-6, atol=1e-6)

@@ -32,7 +32,7 @@ import os
 import jax
 import ml_collections
 
-from instructrl import lora
+from instructrl.convert.adapters import export_safetensors
 from instructrl.convert.hf import export_hf
 from instructrl.convert.workdir import import_to_workdir
 from instructrl.policy_io import Toolkit
@@ -75,7 +75,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     jax.config.update("jax_threefry_partitionable", True)
     if args.export and args.adapter:
-        out = lora.export_safetensors(args.export, args.out)
+        out = export_safetensors(args.export, args.out)
         print(f"exported the adapters of {args.export} -> {out}")
         return out
     if args.export:
