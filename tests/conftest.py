@@ -1,6 +1,5 @@
 """Tests run on the host CPU with 8 simulated devices (set before jax is imported)."""
 
-import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,32 +32,6 @@ SHARED_SCOPES = {
     "tests/test_ppo.py": "toy",
     "tests/test_methods.py": "toy",
 }
-# The experiments' --tiny runs only read the session pipeline's stages (``pipeline_run`` is
-# computed once per session, whichever worker asks first): each is a scope of its own, queued
-# last, so that whichever worker is free takes the next and both end together. The pipeline
-# scope, the suite's longest, is queued first and the toy scope next.
-SPREAD = "tests/test_pipeline.py::test_experiment_"
-ORDER = {"pipeline": 0, "toy": 1}
-
-
-def _scope(nodeid: str) -> str:
-    if nodeid.startswith(SPREAD):
-        return nodeid
-    path = nodeid.split("::", 1)[0]
-    return SHARED_SCOPES.get(path, path)
-
-
-def _rank(nodeid: str) -> int:
-    return 3 if nodeid.startswith(SPREAD) else ORDER.get(_scope(nodeid), 2)
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # the queue follows the collection order
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: _rank(item.nodeid))  # stable: files keep their order
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -66,7 +39,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Scheduling(LoadFileScheduling):
         def _split_scope(self, nodeid):
-            return _scope(nodeid)
+            scope = super()._split_scope(nodeid)
+            return SHARED_SCOPES.get(scope, scope)
 
     return Scheduling(config, log)
 
@@ -112,30 +86,18 @@ def pipeline_config():
 def pipeline_run(tmp_path_factory):
     """(config, workdir, DONE times of the first five stages, timings of the second call):
     the shared pipeline, run in two calls: the first stops after the reward model, the
-    second resumes with the stages that had not run. Computed once per session: the first
-    pytest-xdist worker to ask runs it (under a file lock), the others read its record."""
-    from filelock import FileLock
-
+    second resumes with the stages that had not run."""
     from instructrl import pipeline
 
     config = pipeline_config()
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the session's workers
-    record = root / "pipeline.json"
-    with FileLock(str(root / "pipeline.lock")):
-        if not record.exists():
-            workdir = str(root / "pipeline" / "run")
-            partial = config.copy_and_resolve_references()
-            partial.stages = list(pipeline.STAGE_NAMES[:5])
-            first = pipeline.run(partial, workdir)
-            assert set(first) == set(pipeline.STAGE_NAMES[:5])
-            stamps = {s: os.path.getmtime(os.path.join(workdir, s, "DONE")) for s in first}
-            second = pipeline.run(config, workdir)
-            record.write_text(json.dumps({"workdir": workdir, "stamps": stamps,
-                                          "second": second}))  # fmt: skip
-        done = json.loads(record.read_text())
-    return config, done["workdir"], done["stamps"], done["second"]
+    workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
+    partial = config.copy_and_resolve_references()
+    partial.stages = list(pipeline.STAGE_NAMES[:5])
+    first = pipeline.run(partial, workdir)
+    assert set(first) == set(pipeline.STAGE_NAMES[:5])
+    stamps = {s: os.path.getmtime(os.path.join(workdir, s, "DONE")) for s in first}
+    second = pipeline.run(config, workdir)
+    return config, workdir, stamps, second
 
 
 @pytest.fixture(scope="session")
