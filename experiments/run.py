@@ -368,13 +368,11 @@ def _param_count(stage_config) -> int:
 
 
 def _matmul_params(stage_config) -> int:
-    """Parameters in matrix products: all but GPT's position table (the tied embedding counts
-    once, as the LM head)."""
+    from instructrl.model import matmul_params
     from instructrl.presets import model_config
     from instructrl.tokenizer import make_tokenizer
 
-    cfg = model_config(stage_config, make_tokenizer(stage_config.tokenizer))
-    return _param_count(stage_config) - (cfg.max_len * cfg.d_model if cfg.family == "gpt" else 0)
+    return matmul_params(model_config(stage_config, make_tokenizer(stage_config.tokenizer)))
 
 
 def training_flops(stage_dir: str) -> float:

@@ -186,7 +186,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
             run.rules,
             hp,
             adapters=base is not None,
-            merge_alpha=run.lora and run.lora.merge_alpha,
+            merge_alpha=run.merge_alpha,
         ),  # fmt: skip
         batcher=batcher,
         steps=steps,
@@ -200,7 +200,7 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         },  # fmt: skip
         prefix="dpo",
         tokens_per_step=lambda b: int((b["segment_ids"] > 0).sum()) * jax.process_count(),
-        frozen=(ref,),
+        frozen=(ref,),  # with LoRA also the adapters' base: the step reads it as both
         view=run.merged_view(base),
     )
     run.export(state.params, {**info, "total_steps": steps}, base)

@@ -642,3 +642,9 @@ def count_params(cfg: ModelConfig, head: str = "lm") -> int:
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters in matrix products, the N of 6N FLOPs per trained token: all but GPT's
+    position table, a lookup (the tied embedding counts once, as the LM head)."""
+    return count_params(cfg) - (cfg.max_len * cfg.d_model if cfg.family == "gpt" else 0)

@@ -457,17 +457,15 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
         prompts = (batch["prompt_tokens"], batch["prompt_mask"])
         t0 = time.perf_counter()
         policy = state.params
-        if adapters is not None:
+        if adapters is not None:  # merged once: the sampler's, and scoring's when "merged"
             policy = lora.merged(frozen["ref"], policy, adapters.alpha)
         samples = jax.block_until_ready(gen(policy, *prompts, jax.random.fold_in(rng, 0)))
-        del policy
         t1 = time.perf_counter()
         params = (state.params, state.value_params, frozen["ref"], frozen["rm"])
         if adapters is not None and adapters.compute == "merged":
             value = state.value_params and lora.merged(bases["value"], state.value_params,
                                                        adapters.alpha)  # fmt: skip
-            params = (lora.merged(bases["policy"], state.params, adapters.alpha), value,
-                      *params[2:])  # fmt: skip
+            params = (policy, value, *params[2:])
         elif adapters is not None:
             params = (lora.combine(bases["policy"], state.params),
                       lora.combine(bases["value"], state.value_params), *params[2:])  # fmt: skip
@@ -481,6 +479,7 @@ def make_step(models: scoring.Models, hp: Hparams, tx, value_tx, frozen: dict, m
             plan["packed"] = place(plan["packed"], axis=1)
         rollout = advantages(score(*params, *prompts, samples, packed), state.kl_coef)
         jax.block_until_ready(rollout)
+        del policy, params  # LoRA's merged copy is not held through the update
         t2 = time.perf_counter()
         stats = summarize(rollout)
         state, update_metrics = update(

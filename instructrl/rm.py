@@ -218,17 +218,14 @@ def run(config, workdir: str, rankings=None, eval_rankings=None) -> TrainState:
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=functools.partial(
-            rm_step, model, tx, run.rules, merge_alpha=run.lora and run.lora.merge_alpha
-        ),
+        step_fn=functools.partial(rm_step, model, tx, run.rules, merge_alpha=run.merge_alpha),
         batcher=batcher,
         steps=steps,
         schedule=schedule,
-        init_from=init_from if config.get("init_from") and base is None else None,
+        init_from=init_from if config.get("init_from") else None,
         eval_context={"model": model, "eval_arrays": eval_arrays},
         prefix="rm",
-        frozen=() if base is None else (base,),
-        view=run.merged_view(base),
+        base=base,
         tokens_per_step=lambda b: (
             int((b["segment_ids"] > 0).sum() if "index" in b else (b["last"] + 1)[b["mask"]].sum())
             * jax.process_count()

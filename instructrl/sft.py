@@ -154,18 +154,15 @@ def run(config, workdir: str):
         initial=initial,
         shardings=shardings,
         abstract=abstract,
-        step_fn=functools.partial(
-            lm_step, model, tx, run.rules, merge_alpha=run.lora and run.lora.merge_alpha
-        ),
+        step_fn=functools.partial(lm_step, model, tx, run.rules, merge_alpha=run.merge_alpha),
         batcher=batcher,
         steps=steps,
         schedule=schedule,
-        init_from=init_from if config.get("init_from") and base is None else None,
+        init_from=init_from if config.get("init_from") else None,
         eval_context={"model": model, "eval_arrays": eval_arrays, "eval_prompts": eval_prompts},
         prefix=config.get("stage", "sft"),
         tokens_per_step=lambda b: int(b["loss_mask"].size) * jax.process_count(),
-        frozen=() if base is None else (base,),
-        view=run.merged_view(base),
+        base=base,
     )
     if base is not None:  # LoRA: the checkpoints hold adapters; later stages read plain params
         if os.path.basename(checkpoint.params_source(workdir)[0]) != "best":

@@ -263,6 +263,12 @@ class Run:
         _, abstract = sharding.abstract_sharded(init, self.mesh, self.rules, jax.random.key(0))
         return self.load(source, lora.split(abstract, self.lora.train)[0])
 
+    @property
+    def merge_alpha(self) -> float | None:
+        """What a step's ``merge_alpha`` takes: ``lora.Spec.merge_alpha``; None in full
+        fine-tuning."""
+        return None if self.lora is None else self.lora.merge_alpha
+
     def merged_view(self, base) -> Callable | None:
         """state -> the same state with plain params (the adapters merged into ``base``), what
         evaluators, the best params and the export read; None in full fine-tuning."""
@@ -304,6 +310,7 @@ class Run:
         schedule: Callable | None = None,
         frozen: tuple = (),
         view: Callable | None = None,
+        base=None,
     ):
         """Run ``step_fn`` from the resumed step to ``steps``; returns the final state.
 
@@ -313,7 +320,12 @@ class Run:
         ``schedule`` (the optimizer's learning-rate schedule) adds an ``lr`` metric.
         ``frozen``: arrays passed to every step after the rng (``jit_train_step``), placed on
         their own shardings. ``view(state)``: the state evaluators and the best params see
-        (``merged_view``: LoRA's adapters merged into the base)."""
+        (``merged_view``: LoRA's adapters merged into the base). ``base`` (LoRA,
+        ``lora_base``): the frozen weights the state's adapters adapt, passed to the step
+        before ``frozen`` and merged into what ``view`` shows (unless a view is given); the
+        state then starts as ``initial()`` (B = 0: the base itself), not from ``init_from``."""
+        if base is not None:
+            frozen, view, init_from = (base, *frozen), view or self.merged_view(base), None
         if schedule is not None:
             step_fn = with_lr(step_fn, schedule)
         config, workdir, mesh, timers = self.config, self.workdir, self.mesh, self.timers

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from instructrl import runtime, sharding
-from instructrl.model import Transformer, count_params
+from instructrl.model import Transformer, count_params, matmul_params
 from instructrl.optim import make_optimizer
 from instructrl.presets import preset
 from instructrl.sft import lm_step
@@ -64,9 +64,7 @@ def peak_tflops_for(device) -> float | None:
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    n = count_params(cfg)
-    if cfg.family == "gpt":
-        n -= cfg.max_len * cfg.d_model  # the position table is a lookup, not a matmul
+    n = matmul_params(cfg)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
     return 6.0 * n + attention
 

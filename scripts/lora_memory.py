@@ -34,7 +34,7 @@ from flax import linen as nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from instructrl import lora, ppo, scoring, sft, sharding  # noqa: E402
+from instructrl import config_lib, lora, ppo, scoring, sft, sharding  # noqa: E402
 from instructrl.model import Transformer  # noqa: E402
 from instructrl.optim import make_optimizer  # noqa: E402
 from instructrl.presets import preset  # noqa: E402
@@ -44,13 +44,8 @@ GIB = 2**30
 
 
 def _optimizer():
-    import ml_collections
-
-    section = ml_collections.ConfigDict(
-        dict(lr=1e-5, warmup_steps=0, final_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-             eps=1e-8, grad_clip=1.0, schedule="cosine", warmup_init_frac=0.0)
-    )  # fmt: skip
-    return make_optimizer(optimizer_config(section, 100))[0]
+    """AdamW as every stage builds it (the shared ``optimizer`` section's defaults)."""
+    return make_optimizer(optimizer_config(config_lib.base_config().optimizer, 100))[0]
 
 
 def _shapes(init):
