@@ -82,7 +82,9 @@ def kl_sweep(config, workdir, tiny):
 
 
 def ptx_sweep(config, workdir, tiny):
-    coefs = (0.0, 27.8) if tiny else (0.0, 0.03, 0.1, 0.3, 1.0, 27.8)
+    # --tiny: the pipeline's two policies (both reused; kl_sweep's tiny run trains a variant).
+    own = float(config.ptx_coef)
+    coefs = (0.0, own) if tiny else (0.0, 0.03, 0.1, 0.3, 1.0, 27.8)
     variants = {f"ptx_{g}": {"ptx.coef": g} for g in coefs}
     return policy_sweep(config, workdir, "ptx_sweep", variants, tiny)
 
@@ -461,20 +463,19 @@ def methods(config, workdir, tiny):
         "ppo_ptx": {"ptx.coef": coef},
         "rloo": {"ppo.estimator": "rloo", **group},
         "grpo": {"ppo.estimator": "grpo", **group},
+        "lora_ppo": {"ptx.coef": 0.0, **LORA},
     }
-    if not tiny:  # the suite's tiny run leaves it to tests/test_methods.py's LoRA PPO test
-        variants["lora_ppo"] = {"ptx.coef": 0.0, **LORA}
+    dpo = {"dpo_pairwise": "pairwise", "dpo_listwise": "listwise"}
+    if tiny:  # one method of each kind: the others' learning is tested on the toy task
+        # (tests/test_ppo.py, tests/test_methods.py), and their rows take the same path here.
+        del variants["grpo"], variants["lora_ppo"], dpo["dpo_listwise"]
     policies = {  # each trained alone, one after another: comparable wall times (not --tiny)
         name: common.ppo_variant(config, workdir, name, overrides, reuse=tiny)
         for name, overrides in variants.items()
     }
     policies |= {
-        "dpo_pairwise": common.stage_variant(
-            config, workdir, "dpo", "dpo_pairwise", {"dpo.loss": "pairwise"}
-        ),
-        "dpo_listwise": common.stage_variant(
-            config, workdir, "dpo", "dpo_listwise", {"dpo.loss": "listwise"}
-        ),
+        name: common.stage_variant(config, workdir, "dpo", name, {"dpo.loss": loss})
+        for name, loss in dpo.items()
     }
     models = common.evaluate_policies(config, workdir, "methods", policies)
     bon_dir = common.stage_variant(config, workdir, "best_of_n", "best_of_n", {})

@@ -34,6 +34,13 @@ SHARED_SCOPES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """The multi-host tests run after the rest of the pipeline scope: their fixture drops the
+    worker's compiled functions (room for its two child processes), which the experiments'
+    --tiny runs in tests/test_pipeline.py reuse from the session pipeline."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_multihost.py"))
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 

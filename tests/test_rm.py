@@ -166,7 +166,7 @@ def test_rm_world_check_small(tmp_path):
     args = rm_world_check.parse_args(
         [
             "--out", str(tmp_path),
-            "--num_train", "64",
+            "--num_train", "32",
             "--num_valid", "32",
             "--variants", "all_in_one,shuffled",
             "--batch", "8",
@@ -182,7 +182,7 @@ def test_rm_world_check_small(tmp_path):
     # Two noisy labelers agree with each other less than either agrees with the gold order.
     assert agreement < results["gold_accuracy_train_labelers"] < 1.0
     one, shuffled = results["variants"]["all_in_one"], results["variants"]["shuffled"]
-    assert one["steps"] == 64 // 8
+    assert one["steps"] == 32 // 8
     assert shuffled["steps"] > 10 * one["steps"]  # the same data, one epoch
     for v in (one, shuffled):
         assert 0.0 <= v["valid_accuracy_heldout_labelers"] <= 1.0
