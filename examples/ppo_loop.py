@@ -55,6 +55,10 @@ def main(argv=None) -> dict:
     state = ppo.PPOState(step=jnp.int32(0), params=copy(sft), opt_state=tx.init(sft),
                          value_params=copy(rm), value_opt_state=value_tx.init(rm),
                          ema_params=copy(sft), kl_coef=jnp.float32(hp.kl_coef))  # fmt: skip
+    # The scalars (step, Adam's counts, kl_coef) on the mesh, as the update returns them: the
+    # jitted functions then see one input layout and compile once, not again at iteration 2.
+    on_mesh = sharding.replicated(tk.mesh)
+    state = jax.tree.map(lambda x: jax.device_put(x, on_mesh) if x.ndim == 0 else x, state)
 
     generate = sampler.bind(models.policy, max_new_tokens=hp.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, rules=models.rules)  # fmt: skip
@@ -75,12 +79,18 @@ def main(argv=None) -> dict:
                            values, scores, scores, rewards=rewards,
                            advantages=losses.whiten(advantages, mask), returns=returns)  # fmt: skip
 
-    def encode(batch):  # the rows split over the mesh's data axes, as the params are laid out
-        tokens, mask = tk.encode_prompts(batch, hp.max_new_tokens, tk.template)
-        prompt = sharding.shard_batch({"tokens": tokens, "mask": mask}, tk.mesh)
+    # Every prompt encoded once, left-padded to one length: each batch has the same shape, so
+    # the rollout and the update compile once (a batch padded to its own longest prompt would
+    # recompile both whenever that length changed).
+    all_tokens, all_mask = tk.encode_prompts(prompts, hp.max_new_tokens, tk.template)
+
+    def encode(rows):  # the rows split over the mesh's data axes, as the params are laid out
+        batch = {"tokens": all_tokens[rows], "mask": all_mask[rows]}
+        prompt = sharding.shard_batch(batch, tk.mesh)
         return prompt["tokens"], prompt["mask"]
 
-    held_out = encode(prompts[-args.batch :])  # the same prompts and keys before and after
+    train = len(prompts) - args.batch
+    held_out = encode(np.arange(train, len(prompts)))  # the same prompts and keys before and after
 
     def held_out_score(state) -> float:  # several draws each: one is noisy on a small batch
         keys = jax.random.split(jax.random.key(-1), args.held_out_draws)
@@ -90,7 +100,7 @@ def main(argv=None) -> dict:
     rng, history = np.random.default_rng(0), []
     result = {"held_out_rm_score_before": held_out_score(state)}
     for it in range(args.iterations):
-        prompt_tokens, prompt_mask = encode(list(rng.choice(prompts[: -args.batch], args.batch)))
+        prompt_tokens, prompt_mask = encode(rng.choice(train, args.batch))
         key = jax.random.key(it)
         r = rollout(state, rm, sft, prompt_tokens, prompt_mask, jax.random.fold_in(key, 0))
         state, metrics = update(state, r, None, jax.random.fold_in(key, 1))
