@@ -387,10 +387,13 @@ class Run:
         if train_cfg.get("eval_at_start") and start == 0:
             for name, (evaluator, _) in evals.items():
                 evaluate(name, evaluator, state, 0)
-        tokens, window = 0, time.perf_counter()
+        # tokens/s over the steps' own time (host data and device step), not the evaluations
+        # and checkpoints that fall between two log rows.
+        tokens, busy = 0, 0.0
         preemption = Preemption().__enter__()  # SIGTERM: save, then raise Preempted
         try:
             for step in range(start, steps):
+                began = time.perf_counter()
                 with timers.time("host_data"):
                     host_batch = batcher.batch(step)
                     batch = sharding.shard_batch(host_batch, mesh)
@@ -398,6 +401,7 @@ class Run:
                 with timers.time("compile_and_first_step" if first else "device_step"):
                     state, metrics = jstep(state, batch, rng, *frozen)
                     jax.block_until_ready(metrics)  # honest step timings; no overlap is lost
+                busy += time.perf_counter() - began
                 for key in [k for k in metrics if k.startswith("time/")]:
                     timers.add(key[5:], metrics.pop(key))  # a stage's own phase timings
                 if tokens_per_step is not None:
@@ -408,9 +412,8 @@ class Run:
                         values = to_floats(jax.device_get(metrics))
                         values = {f"{prefix}/{k}": v for k, v in values.items()}
                         check_finite(values, done)
-                        now = time.perf_counter()
-                        values[f"{prefix}/tokens_per_s"] = tokens / max(now - window, 1e-9)
-                        tokens, window = 0, now
+                        values[f"{prefix}/tokens_per_s"] = tokens / max(busy, 1e-9)
+                        tokens, busy = 0, 0.0
                         writer.write(done, values)
                         progress.show(
                             {
