@@ -8,6 +8,7 @@ evaluated on the same held-out prompts by the same held-out labelers.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -115,11 +116,16 @@ def rm_variant(config, workdir: str, name: str, overrides: dict) -> str:
 
 def evaluate_policies(config, workdir: str, experiment: str, policies: dict[str, str]) -> dict:
     """The pipeline's evaluation of ``policies`` ({name: stage dir}) against SFT; each model
-    is built from its own workdir's config (a larger base model included)."""
+    is built from its own workdir's config (a larger base model included). A model the
+    pipeline's evaluation or an earlier experiment's already evaluated at these settings (SFT,
+    the pipeline's PPO and PPO-ptx, the base model) is taken from there (``evaluate.run``'s
+    ``reuse``), not sampled and judged again."""
     out_dir = os.path.join(workdir, "eval_" + experiment)
     models = {"sft": os.path.join(workdir, "sft"), **policies}
     section = stage_config(config, workdir, "evaluate")
-    return evaluate.run(section, out_dir, models=models)["models"]
+    earlier = [os.path.join(workdir, "evaluate")]
+    earlier += sorted(glob.glob(os.path.join(workdir, "eval_*")))
+    return evaluate.run(section, out_dir, models=models, reuse=earlier)["models"]
 
 
 def ppo_curves(stage_dir: str) -> list[dict]:

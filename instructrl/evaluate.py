@@ -24,6 +24,7 @@ and few-shot scores on the held-out "public NLP" families no stage ever trains o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -72,9 +73,54 @@ def heldout_scores(tk: Toolkit, params, world, items: list[dict], shots: int, se
     return {"mean": float(np.mean(list(by_family.values()))), **by_family}
 
 
-def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
+def _fingerprint(stage_dir: str) -> str:
+    """Which run of a stage a model comes from: its path and a hash of its run_info.json (a
+    stage trained again writes another: its timings)."""
+    info = os.path.join(stage_dir, "run_info.json")
+    text = fs.read_text(info) if fs.exists(info) else ""
+    return f"{fs.absolute(stage_dir)}#{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+
+def _reusable(reuse, context: dict) -> dict[str, tuple[dict, list[str]]]:
+    """{model fingerprint: (results, answers)} from earlier evaluations (their workdirs) made
+    in the same ``context``: settings, world, SFT and reward model, so that every number of a
+    model evaluated there is the number evaluating it here would give."""
+    found = {}
+    for old in reuse:
+        path = os.path.join(old, "evaluation.json")
+        if not fs.exists(path):
+            continue
+        done = json.loads(fs.read_text(path))
+        provenance = done.get("provenance") or {}
+        if provenance.get("context") != context:
+            continue
+        for m, key in provenance["models"].items():
+            answers = [r["response"] for r in read_jsonl(os.path.join(old, f"samples_{m}.jsonl"))]
+            found.setdefault(key, (done["models"][m], answers))
+    return found
+
+
+def _sample(m, tk_m, params, world, records, prompts, template, tk, e, sample_kwargs, timers):
+    """Model ``m``'s answers to the evaluation prompts (a Batch under the SFT template)."""
+    with timers.time("sampling"):
+        if m.startswith("base_fewshot"):
+            shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
+            stop = tk_m.stop_ids(FEWSHOT_STOP)  # the answer ends at the separator
+            b = tk_m.sample(params, shots, template=template, stop=stop, **sample_kwargs)
+            # The answer ends at the separator; it is judged as a response to the prompt.
+            texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
+            return tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
+        return tk_m.sample(params, prompts, template=template, **sample_kwargs)
+
+
+def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) -> dict:
     """Evaluate models on the world's held-out prompts; writes workdir/evaluation.json and
     workdir/samples_<model>.jsonl; returns the evaluation dict.
+
+    ``reuse``: workdirs of earlier evaluations; a model (the same run of the same stage,
+    prompted the same way) that one of them evaluated in the same context (settings, world,
+    SFT and reward model) takes its results and answers from there instead of being
+    evaluated again (the experiments' sweeps: SFT and the pipeline's own policies).
 
     config: the stage's section (configs/pipeline.py ``evaluate``): sampling settings, the
     ``world`` {seed, overrides} and ``world_dir``, ``models`` {name: stage workdir} (those
@@ -98,10 +144,26 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
     template = tk.template
     records = read_jsonl(os.path.join(e.world_dir, "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
+    rm_dir = e.get("reward_model") or ""
+    rm_dir = rm_dir if rm_dir and is_done(rm_dir) else ""
+    settings = {k: v for k, v in e.to_dict().items() if k not in ("world", "models")}
+    world_config = e.world.to_dict() if hasattr(e.world, "to_dict") else dict(e.world)
+    context = json.loads(json.dumps({  # as JSON reads it back: lists, not tuples
+        "settings": settings,
+        "world": world_config,
+        "sft": _fingerprint(models["sft"]),
+        "reward_model": _fingerprint(rm_dir) if rm_dir else None,
+    }))  # fmt: skip
+    # A model's key: its stage's run and how it is prompted (base and base_fewshot share one).
+    keys = {m: f"{_fingerprint(d)}|{m.startswith('base_fewshot')}" for m, d in models.items()}
+    earlier = _reusable(reuse, context)
+    reused = {m: earlier[keys[m]] for m in models if keys[m] in earlier}
+    if reused:
+        log.info("evaluate: %s as evaluated before (reuse)", ", ".join(sorted(reused)))
     with timers.time("restore"):
-        params = {m: tk_of[m].params(d) for m, d in models.items()}
-        rm_dir = e.get("reward_model") or ""
-        rm_params = tk.params(rm_dir, head="scalar") if rm_dir and is_done(rm_dir) else None
+        params = {m: tk_of[m].params(d) for m, d in models.items()
+                  if m == "sft" or m not in reused}  # fmt: skip
+        rm_params = tk.params(rm_dir, head="scalar") if rm_dir else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
     items = read_jsonl(os.path.join(e.world_dir, "heldout_tasks.jsonl"))
     sampling = scoring.Sampling(
@@ -115,28 +177,26 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
         seed=int(e.seed),
     )
 
-    batches = {}
+    batches, texts_of = {}, {m: answers for m, (_, answers) in reused.items()}
     for m in models:
-        with timers.time("sampling"):
-            if m.startswith("base_fewshot"):
-                shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-                stop = tk_of[m].stop_ids(FEWSHOT_STOP)  # the answer ends at the separator
-                b = tk_of[m].sample(params[m], shots, template=template, stop=stop, **sample_kwargs)
-                # The answer ends at the separator; it is judged as a response to the prompt.
-                texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
-                b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
-            else:
-                b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
-        batches[m] = b
+        if m in reused:
+            write_jsonl_rows = texts_of[m]
+        else:
+            batches[m] = _sample(m, tk_of[m], params[m], world, records, prompts, template,
+                                 tk, e, sample_kwargs, timers)  # fmt: skip
+            texts_of[m] = write_jsonl_rows = batches[m].texts
         if not is_main_process():  # every process computes the same evaluation; one writes
             continue
         rows = [json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n"
-                for r, text in zip(records, b.texts, strict=True)]  # fmt: skip
+                for r, text in zip(records, write_jsonl_rows, strict=True)]  # fmt: skip
         fs.write_atomic(os.path.join(workdir, f"samples_{m}.jsonl"), "".join(rows))
 
     results, lm_losses = {}, {}
-    sft_texts = batches["sft"].texts
+    sft_texts = texts_of["sft"]
     for m in models:
+        if m in reused:
+            results[m] = reused[m][0]
+            continue
         b = batches[m]
         with timers.time("judging"):
             res = judge(world, records, b.texts, sft_texts)
@@ -165,12 +225,12 @@ def run(config, workdir: str, models: dict[str, str] | None = None) -> dict:
             m,
             json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}),
         )
-    settings = {k: v for k, v in e.to_dict().items() if k not in ("world", "models")}
     out = {
         "models": results,
         "num_prompts": len(records),
         "attributes": list(ATTRIBUTES),
         "settings": settings,
+        "provenance": {"context": context, "models": keys},
     }
     if is_main_process():
         fs.write_atomic(os.path.join(workdir, "evaluation.json"), json.dumps(out, indent=1))
