@@ -76,13 +76,14 @@ def ptx_vs_ppo(config, workdir, tiny):
 
 def kl_sweep(config, workdir, tiny):
     own = float(config.rl.ppo.kl_coef)  # the pipeline's PPO: its policy is reused
-    coefs = (0.0, own) if tiny else sorted({0.0, 0.005, 0.02, 0.05, own, 0.2, 1.0})
+    # --tiny: that policy alone (departures' tiny run trains a variant through the same sweep).
+    coefs = (own,) if tiny else sorted({0.0, 0.005, 0.02, 0.05, own, 0.2, 1.0})
     variants = {f"kl_{k}": {"ppo.kl_coef": k, "ptx.coef": 0.0} for k in coefs}
     return policy_sweep(config, workdir, "kl_sweep", variants, tiny)
 
 
 def ptx_sweep(config, workdir, tiny):
-    # --tiny: the pipeline's two policies (both reused; kl_sweep's tiny run trains a variant).
+    # --tiny: the pipeline's two policies (both reused; departures' tiny run trains a variant).
     own = float(config.ptx_coef)
     coefs = (0.0, own) if tiny else (0.0, 0.03, 0.1, 0.3, 1.0, 27.8)
     variants = {f"ptx_{g}": {"ptx.coef": g} for g in coefs}

@@ -31,6 +31,7 @@ SHARED_SCOPES = {
     "tests/test_multihost.py": "pipeline",
     "tests/test_ppo.py": "toy",
     "tests/test_methods.py": "toy",
+    "tests/test_examples.py": "toy",
 }
 
 
