@@ -81,10 +81,10 @@ def _fingerprint(stage_dir: str) -> str:
     return f"{fs.absolute(stage_dir)}#{hashlib.sha1(text.encode()).hexdigest()[:16]}"
 
 
-def _reusable(reuse, context: dict) -> dict[str, tuple[dict, list[str]]]:
-    """{model fingerprint: (results, answers)} from earlier evaluations (their workdirs) made
-    in the same ``context``: settings, world, SFT and reward model, so that every number of a
-    model evaluated there is the number evaluating it here would give."""
+def _reusable(reuse, context: dict) -> dict[str, tuple[str, str, dict]]:
+    """{model key: (evaluation workdir, model name there, results)} from earlier evaluations
+    made in the same ``context``: settings, world, SFT and reward model, so that every number
+    of a model evaluated there is the number evaluating it here would give."""
     found = {}
     for old in reuse:
         path = os.path.join(old, "evaluation.json")
@@ -95,22 +95,8 @@ def _reusable(reuse, context: dict) -> dict[str, tuple[dict, list[str]]]:
         if provenance.get("context") != context:
             continue
         for m, key in provenance["models"].items():
-            answers = [r["response"] for r in read_jsonl(os.path.join(old, f"samples_{m}.jsonl"))]
-            found.setdefault(key, (done["models"][m], answers))
+            found.setdefault(key, (old, m, done["models"][m]))
     return found
-
-
-def _sample(m, tk_m, params, world, records, prompts, template, tk, e, sample_kwargs, timers):
-    """Model ``m``'s answers to the evaluation prompts (a Batch under the SFT template)."""
-    with timers.time("sampling"):
-        if m.startswith("base_fewshot"):
-            shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
-            stop = tk_m.stop_ids(FEWSHOT_STOP)  # the answer ends at the separator
-            b = tk_m.sample(params, shots, template=template, stop=stop, **sample_kwargs)
-            # The answer ends at the separator; it is judged as a response to the prompt.
-            texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
-            return tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
-        return tk_m.sample(params, prompts, template=template, **sample_kwargs)
 
 
 def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) -> dict:
@@ -158,6 +144,10 @@ def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) ->
     keys = {m: f"{_fingerprint(d)}|{m.startswith('base_fewshot')}" for m, d in models.items()}
     earlier = _reusable(reuse, context)
     reused = {m: earlier[keys[m]] for m in models if keys[m] in earlier}
+    texts_of = {  # the reused models' answers, as their evaluation wrote them
+        m: [r["response"] for r in read_jsonl(os.path.join(old, f"samples_{name}.jsonl"))]
+        for m, (old, name, _) in reused.items()
+    }
     if reused:
         log.info("evaluate: %s as evaluated before (reuse)", ", ".join(sorted(reused)))
     with timers.time("restore"):
@@ -177,25 +167,32 @@ def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) ->
         seed=int(e.seed),
     )
 
-    batches, texts_of = {}, {m: answers for m, (_, answers) in reused.items()}
+    batches = {}
     for m in models:
-        if m in reused:
-            write_jsonl_rows = texts_of[m]
-        else:
-            batches[m] = _sample(m, tk_of[m], params[m], world, records, prompts, template,
-                                 tk, e, sample_kwargs, timers)  # fmt: skip
-            texts_of[m] = write_jsonl_rows = batches[m].texts
+        if m not in reused:
+            with timers.time("sampling"):
+                if m.startswith("base_fewshot"):
+                    shots = [world.fewshot_prompt(r, int(e.fewshot_shots)) for r in records]
+                    stop = tk_of[m].stop_ids(FEWSHOT_STOP)  # the answer ends at the separator
+                    b = tk_of[m].sample(params[m], shots, template=template, stop=stop,
+                                        **sample_kwargs)  # fmt: skip
+                    # The answer ends at the separator; it is judged as a response to the prompt.
+                    texts = [t.split(FEWSHOT_STOP)[0].rstrip() for t in b.texts]
+                    b = tk.batch_from_texts(prompts, texts, int(e.max_new_tokens), template)
+                else:
+                    b = tk_of[m].sample(params[m], prompts, template=template, **sample_kwargs)
+            batches[m], texts_of[m] = b, b.texts
         if not is_main_process():  # every process computes the same evaluation; one writes
             continue
         rows = [json.dumps({"id": r["id"], "prompt": r["prompt"], "response": text}) + "\n"
-                for r, text in zip(records, write_jsonl_rows, strict=True)]  # fmt: skip
+                for r, text in zip(records, texts_of[m], strict=True)]  # fmt: skip
         fs.write_atomic(os.path.join(workdir, f"samples_{m}.jsonl"), "".join(rows))
 
     results, lm_losses = {}, {}
     sft_texts = texts_of["sft"]
     for m in models:
         if m in reused:
-            results[m] = reused[m][0]
+            results[m] = reused[m][2]
             continue
         b = batches[m]
         with timers.time("judging"):
