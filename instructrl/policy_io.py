@@ -116,21 +116,23 @@ class Toolkit:
         longest (``_trim``), not the batch's."""
         return np.argsort(np.asarray(prompt_mask).sum(1), kind="stable")
 
-    @staticmethod
-    def _trim(prompt_tokens, prompt_mask):
-        """A chunk's prompts without the left padding every row has, kept to a
-        ``bucket_length`` (few shapes compile)."""
-        p = min(prompt_tokens.shape[1], bucket_length(int(np.asarray(prompt_mask).sum(1).max())))
+    def _trim(self, prompt_tokens, prompt_mask, room: int):
+        """A chunk's prompts left-padded or cut to the ``bucket_length`` of its longest (at
+        most ``room``), so that every batch of prompts compiles one of a few shapes, not
+        one per batch's own longest."""
+        p = min(room, bucket_length(int(np.asarray(prompt_mask).sum(1).max())))
+        widths = ((0, 0), (max(0, p - prompt_tokens.shape[1]), 0))
+        prompt_tokens = np.pad(prompt_tokens, widths, constant_values=self.tokenizer.pad_id)
+        prompt_mask = np.pad(prompt_mask, widths)
         return jnp.asarray(prompt_tokens[:, -p:]), jnp.asarray(prompt_mask[:, -p:])
 
     # ---- sampling ---------------------------------------------------------------------------
     def _generate(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   stop: tuple[int, ...] = ()):  # fmt: skip
-        tok = self.tokenizer  # sampler.bind shares one compilation across temperatures
-        eos = (tok.eos_id, *stop) if stop else tok.eos_id
-        return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens, eos_id=eos,
-                            pad_id=tok.pad_id, temperature=temperature, top_k=top_k,
-                            top_p=top_p, rules=self.rules)  # fmt: skip
+        tok = self.tokenizer  # one compilation across temperatures and stop ids (sampler.bind)
+        return sampler.bind(self.models.policy, max_new_tokens=max_new_tokens,
+                            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=temperature,
+                            top_k=top_k, top_p=top_p, rules=self.rules, stop=stop)  # fmt: skip
 
     def stop_ids(self, text: str) -> tuple[int, ...]:
         """The token id that ``text`` (a stop sequence) encodes to when it is one token, so
@@ -159,7 +161,7 @@ class Toolkit:
         masks = np.zeros((len(prompts), max_new_tokens), np.int32)
         chunks = self._chunks(p_tokens, p_mask, order=self._by_length(p_mask))
         for i, (rows, (pt, pm)) in enumerate(chunks):
-            pt, pm = self._trim(pt, pm)
+            pt, pm = self._trim(pt, pm, self.cfg.max_len - max_new_tokens)
             out = fn(params, pt, pm, jax.random.fold_in(jax.random.key(seed), i))
             out_tokens, out_mask = sharding.to_host((out.tokens, out.mask))
             tokens[rows], masks[rows] = out_tokens[: len(rows)], out_mask[: len(rows)]

@@ -80,35 +80,47 @@ def is_identity(temperature, top_k: int, top_p: float) -> bool:
 
 
 def bind(model: Transformer, *, max_new_tokens: int, eos_id: int, pad_id: int,
-         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rules=()):  # fmt: skip
+         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rules=(),
+         stop: tuple[int, ...] = ()):  # fmt: skip
     """``generate`` with its options bound: (params, prompt_tokens, prompt_mask, rng) ->
-    Samples. The temperature travels as an argument of the jitted function (greedy, top-k and
-    top-p are static), so samplers at different temperatures share one compilation."""
+    Samples. The temperature and the ``stop`` ids (tokens that end a row besides ``eos_id``,
+    at most ``MAX_STOP``) travel as arguments of the jitted function (greedy, top-k and top-p
+    are static), so samplers at different temperatures or with different stop tokens share
+    one compilation."""
+    if len(stop) > MAX_STOP:
+        raise ValueError(f"stop: at most {MAX_STOP} token ids, got {len(stop)}")
     jitted = _jitted_generate(model, max_new_tokens, eos_id, pad_id, temperature == 0.0,
                               top_k, top_p, rules)  # fmt: skip
-    return Bound(jitted, jnp.float32(temperature))
+    stop_ids = jnp.asarray(tuple(stop) + (eos_id,) * (MAX_STOP - len(stop)), jnp.int32)
+    return Bound(jitted, jnp.float32(temperature), stop_ids)
+
+
+# Stop ids a bound sampler takes (padded with EOS): a few-shot separator, a chat turn's end.
+MAX_STOP = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-    """A jitted sampler with its temperature: called, or lowered (ahead-of-time compilation),
-    with (params, prompt_tokens, prompt_mask, rng)."""
+    """A jitted sampler with its temperature and stop ids: called, or lowered (ahead-of-time
+    compilation), with (params, prompt_tokens, prompt_mask, rng)."""
 
     jitted: Any
     temperature: jax.Array
+    stop: jax.Array
 
     def __call__(self, params, prompt_tokens, prompt_mask, rng) -> Samples:
-        return self.jitted(params, prompt_tokens, prompt_mask, rng, self.temperature)
+        return self.jitted(params, prompt_tokens, prompt_mask, rng, self.temperature, self.stop)
 
     def lower(self, params, prompt_tokens, prompt_mask, rng):
-        return self.jitted.lower(params, prompt_tokens, prompt_mask, rng, self.temperature)
+        return self.jitted.lower(params, prompt_tokens, prompt_mask, rng, self.temperature,
+                                 self.stop)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_generate(model, max_new_tokens, eos_id, pad_id, greedy, top_k, top_p, rules):
-    def fn(params, prompt_tokens, prompt_mask, rng, temperature):
+    def fn(params, prompt_tokens, prompt_mask, rng, temperature, stop):
         return generate(model, params, prompt_tokens, prompt_mask, rng,
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                        max_new_tokens=max_new_tokens, eos_id=(eos_id, stop), pad_id=pad_id,
                         temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                         rules=rules)  # fmt: skip
 
@@ -236,12 +248,14 @@ def decode_step(model: Transformer, params, d: Decoding, rng, *, eos_id: int, pa
 
 
 def ends(tokens: jax.Array, eos_id) -> jax.Array:
-    """Whether each token ends its row: ``eos_id`` is one id or a tuple of ids (EOS and stop
-    tokens, e.g. a few-shot separator); the ending token is kept in the row."""
+    """Whether each token ends its row: ``eos_id`` is one id or a tuple of ids or (traced)
+    arrays of ids (EOS and stop tokens, e.g. a few-shot separator); the ending token is kept
+    in the row."""
     ids = eos_id if isinstance(eos_id, tuple) else (eos_id,)
-    out = tokens == ids[0]
-    for other in ids[1:]:
-        out = out | (tokens == other)
+    out = jnp.zeros(tokens.shape, bool)
+    for other in ids:
+        other = jnp.asarray(other).reshape(-1)
+        out = out | jnp.any(tokens[..., None] == other, axis=-1)
     return out
 
 

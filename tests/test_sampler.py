@@ -12,7 +12,7 @@ from flax import linen as nn
 from instructrl.data.lm import left_pad
 from instructrl.model import Transformer
 from instructrl.presets import preset
-from instructrl.sampler import filter_logits, generate
+from instructrl.sampler import bind, filter_logits, generate
 
 
 def _recompute_greedy(model, params, tokens, mask, max_new_tokens, eos_id, pad_id):
@@ -124,6 +124,18 @@ def test_stop_ids_end_rows_like_eos_and_change_nothing_before():
         np.testing.assert_array_equal(row[:end], ref[:end])
         assert np.all(row[end:] == 0)
     assert int(np.asarray(out.mask)[1].sum()) <= 3
+    # Bound, the stop ids are an argument: the same samples, and samplers with and without
+    # stop ids (the few-shot base model's and the SFT policy's) share one compilation.
+    bound = bind(model, eos_id=60, stop=(stop,), **kwargs)
+    plain = bind(model, eos_id=60, **kwargs)
+    assert bound.jitted is plain.jitted
+    for fn, ref in ((bound, out), (plain, free)):
+        got = fn(params, tokens, mask, jax.random.key(4))  # jitted: log-probs to rounding
+        chex.assert_trees_all_equal((got.tokens, got.mask), (ref.tokens, ref.mask))
+        chex.assert_trees_all_close(got.logprobs, ref.logprobs, atol=1e-5)
+    assert bound.jitted._cache_size() == 1
+    with pytest.raises(ValueError, match="stop: at most"):
+        bind(model, eos_id=60, stop=(1, 2, 3), **kwargs)
 
 
 def test_rows_draw_their_own_streams_and_compaction_changes_nothing():
