@@ -1,10 +1,12 @@
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructrl.model import Transformer, count_params, stack_layers, unstack_layers
+from instructrl.model import Transformer, count_params, product, stack_layers, unstack_layers
 from instructrl.presets import GPT3_TABLE, preset
 
 
@@ -101,10 +103,54 @@ def test_bfloat16_products_keep_float32_activations_and_gradients(name):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         chex.assert_type(got, jnp.float32)
         assert np.abs(got - want).max() <= 0.03 * np.abs(want).max() + 1e-6
-    # Every dot of the forward and backward pass multiplies bfloat16 operands.
-    hlo = jax.jit(grad_fn).lower(params).as_text()
-    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
-    assert dots and all("xbf16>, tensor<" in line.split(":")[-1] for line in dots), dots[:3]
+    # Every dot of the forward and backward pass multiplies bfloat16 operands, as compiled:
+    # XLA:CPU upcasts a bfloat16 product with a bfloat16 result to float32.
+    dots = _compiled_dots(jax.jit(grad_fn).lower(params).compile().as_text())
+    assert len(dots) > 10 and all(kinds == ["bf16", "bf16"] for _, kinds in dots), dots
+
+
+def _compiled_dots(hlo: str) -> list[tuple[str, list[str]]]:
+    """(instruction, operand element types) of every dot in compiled HLO text."""
+    dots = []
+    for block in re.split(r"\n(?=\S)", hlo):  # one computation (fused or not) per block
+        kinds = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", block))
+        kinds.update(re.findall(r"([\w.\-]+): (\w+)\[", block.split("\n")[0]))
+        for name, a, b in re.findall(r"%([\w.\-]+) = \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)", block):
+            dots.append((name, [kinds.get(a), kinds.get(b)]))
+    return dots
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "btd,df->btf",  # a projection
+        "btf,vf->btv",  # the tied head (embed.attend)
+        "btkgh,bskh->bkgts",  # attention scores (grouped-query)
+        "bkgts,bskh->btkgh",  # attention values
+        "hbt,thb->bh",  # two contracted dimensions, in different orders
+    ],
+)
+def test_low_precision_products_differentiate_like_float64(spec):
+    """``product``'s own backward rule (float32 accumulation, the transpose it needs taken
+    by whichever operand order needs none): the gradients of both operands, against a
+    float64 NumPy einsum, for projections, attention and contractions over several
+    dimensions in different orders."""
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    sizes = dict(b=2, t=5, s=5, d=6, f=7, v=9, k=2, g=3, h=4)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=[sizes[c] for c in a_spec])
+    b = rng.normal(size=[sizes[c] for c in b_spec])
+    w = rng.normal(size=[sizes[c] for c in out])  # d loss / d out
+
+    def loss(x, y):
+        z = jnp.einsum(spec, x, y, _dot_general=product(jnp.float32, jnp.float32))
+        return (z * w).sum()
+
+    da, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(a.astype(np.float32), b.astype(np.float32))
+    chex.assert_type((da, db), jnp.float32)
+    np.testing.assert_allclose(da, np.einsum(f"{out},{b_spec}->{a_spec}", w, b), atol=1e-5)
+    np.testing.assert_allclose(db, np.einsum(f"{a_spec},{out}->{b_spec}", a, w), atol=1e-5)
 
 
 def test_scalar_head_shares_trunk_and_dropout_is_stochastic():
