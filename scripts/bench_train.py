@@ -86,6 +86,9 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--hf", action="store_true", help="also time transformers in PyTorch")
     p.add_argument("--rounds", type=int, default=5, help="with --hf: turns the two take")
+    p.add_argument("--hf-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="with --hf: PyTorch's products; auto = bfloat16 autocast when "
+                   "--matmul-dtype is bfloat16, else float32")  # fmt: skip
     p.add_argument("--default-malloc", action="store_true", help="skip runtime.tune_host_allocator")
     args = p.parse_args(argv)
 
@@ -134,9 +137,8 @@ def main(argv=None):
         donate_argnums=(0,),
     )
     key = jax.random.key(1)
-    hf_step = (
-        hf_stepper(cfg, toks, autocast_bf16=cfg.matmul_dtype == "bfloat16") if args.hf else None
-    )
+    hf_bf16 = {"auto": cfg.matmul_dtype == "bfloat16", "bfloat16": True}.get(args.hf_dtype, False)
+    hf_step = hf_stepper(cfg, toks, autocast_bf16=hf_bf16) if args.hf else None
     t0 = time.perf_counter()
     for _ in range(2):
         state, metrics = step(state, batch, key)
@@ -194,6 +196,7 @@ def main(argv=None):
         import torch  # optional: the parity reference (the test extra)
 
         result["hf_torch"] = torch.__version__
+        result["hf_products"] = "bfloat16 autocast" if hf_bf16 else "float32"
         result["hf_tokens_per_s"] = args.batch * args.seq * args.steps / hf_elapsed
         result["ratio_vs_hf"] = tokens_per_s / result["hf_tokens_per_s"]
     print(json.dumps(result, indent=2))
@@ -205,7 +208,7 @@ def main(argv=None):
     )
     if args.hf:
         print(
-            f"transformers (PyTorch {result['hf_torch']}) same shape: "
+            f"transformers (PyTorch {result['hf_torch']}, {result['hf_products']}) same shape: "
             f"{result['hf_tokens_per_s']:,.0f} tokens/s; instructrl / transformers = "
             f"{result['ratio_vs_hf']:.2f}x"
         )
