@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructrl.model import Transformer, count_params, product, stack_layers, unstack_layers
+from instructrl.model import Transformer, count_params, stack_layers, unstack_layers
 from instructrl.presets import GPT3_TABLE, preset
+from instructrl.products import product
 
 
 def _init(cfg, head="lm", t=12):
