@@ -23,7 +23,8 @@ from instructrl import config_lib
 
 STAGES = ["world", "pretrain", "sft", "rankings", "rm", "ppo", "ppo_ptx", "evaluate", "report"]
 SHARED = ("seed",)  # set by resolve() in every stage
-SHARED_MODEL = ("preset", "max_len", "matmul_dtype")  # set by resolve() in every training stage
+# Set by resolve() in every training stage.
+SHARED_MODEL = ("preset", "max_len", "matmul_dtype", "reward_readout")
 
 
 def _stage(name: str, arg: str = ""):
@@ -47,7 +48,8 @@ def get_config(arg=None):
     # matmul_dtype "auto": bfloat16 products with float32 sums where the machine multiplies
     # bfloat16 faster (an accelerator; a CPU with AVX512-BF16: the train step 25% faster on
     # 2 cores), float32 elsewhere (instructrl.runtime.fast_bfloat16_products).
-    c.model = dict(preset=str(args.model), max_len=384, matmul_dtype="auto")
+    c.model = dict(preset=str(args.model), max_len=384, matmul_dtype="auto",
+                   reward_readout="last")  # fmt: skip
     # The world's size (instructrl.world.WorldConfig fields); docs/world.md.
     c.world = dict(
         scale=0.03,  # SFT 382, PPO 934 prompts (paper 13k / 31k)

@@ -48,14 +48,16 @@ def main(argv=None) -> dict:
     head = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])["scalar_head"]
     params = {**{k: v for k, v in lm.items() if k != "lm_head"}, "scalar_head": head}
 
-    def encode(path):  # (N, K, T) tokens, last-token index, ranks and mask per prompt
+    def encode(path):  # (N, K, T) tokens, prompt length, last-token index, ranks, mask
         seq_len = min(args.seq_len, tk.cfg.max_len)
         arrays, skipped = rm.encode_rankings(tk.tokenizer, read(path, args.limit), seq_len,
                                              tk.template, skip_too_long=True)  # fmt: skip
         return {k: v for k, v in arrays.items() if k != "group"}
 
     def loss_fn(params, batch):
-        rewards = scoring.rewards_at_last(model, params, batch["tokens"], batch["last"], rules)
+        rewards = scoring.ranking_rewards(  # each response's tokens: prompt .. last
+            model, params, batch["tokens"], batch["prompt"], batch["last"], rules
+        )
         return losses.ranking_loss(rewards, batch["ranks"], batch["mask"])  # eq. 1
 
     tx = optax.adamw(args.lr, weight_decay=0.0)

@@ -285,6 +285,7 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
             scan_layers=ml_collections.config_dict.placeholder(bool),  # None: the preset's
             remat="none",
             attention=ml_collections.config_dict.placeholder(str),
+            reward_readout="last",  # a reward model's score: "last" token (paper) or "mean"
         )
     )
     c.optimizer = dict(

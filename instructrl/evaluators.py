@@ -142,8 +142,8 @@ class RankingAccuracy:
     def rewards(self, params, batch, *frozen) -> jax.Array:
         """(B, K) rewards of a padded ranking batch (tokens (B, K, T), last, prompt)."""
         ctx = self.ctx
-        return scoring.rewards_at_last(
-            ctx["model"], params, batch["tokens"], batch["last"], ctx["rules"]
+        return scoring.ranking_rewards(
+            ctx["model"], params, batch["tokens"], batch["prompt"], batch["last"], ctx["rules"]
         )
 
     def frozen(self) -> tuple:

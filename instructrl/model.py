@@ -27,6 +27,7 @@ from instructrl.products import product
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Every projection of a block (attention and MLP, both families): LoRA's default targets.
 LORA_TARGETS = ("query", "key", "value", "out", "fc_in", "fc_out", "gate", "up")
+READOUTS = ("last", "mean")  # ModelConfig.reward_readout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,10 @@ class ModelConfig:
     them on llama). ``rope_scaling`` stretches RoPE for long contexts: "linear" divides every
     frequency by ``rope_factor``; "llama3" (Llama 3.1) divides only the low frequencies, with
     a smooth ramp between ``rope_low_freq_factor`` and ``rope_high_freq_factor``.
+    ``reward_readout`` is how a scalar-head model scores a response as a reward model
+    (``scoring.span_rewards``): "last", the paper's, reads the head at the response's last token
+    (its EOS); "mean" averages the head over the response's tokens, so a flaw anywhere in it
+    (a false fact) counts where it stands instead of having to reach the EOS state.
     """
 
     family: str = "gpt"
@@ -82,6 +87,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    reward_readout: str = "last"
 
     def __post_init__(self):
         if self.family not in ("gpt", "llama"):
@@ -96,6 +102,10 @@ class ModelConfig:
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(
                 f"model.rope_scaling must be none|linear|llama3, got {self.rope_scaling!r}"
+            )
+        if self.reward_readout not in READOUTS:
+            raise ValueError(
+                f"model.reward_readout must be one of {READOUTS}, got {self.reward_readout!r}"
             )
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STAGE_NAMES = tuple(s.name for s in STAGES)  # the default pipeline, in order
 OPTIONAL_NAMES = tuple(s.name for s in OPTIONAL)
-SHARED_MODEL_FIELDS = ("preset", "max_len", "matmul_dtype")
+SHARED_MODEL_FIELDS = ("preset", "max_len", "matmul_dtype", "reward_readout")
 
 
 def resolve(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:

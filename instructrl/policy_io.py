@@ -79,7 +79,10 @@ class Toolkit:
 
     # ---- params -----------------------------------------------------------------------------
     def params(self, workdir: str, head: str = "lm"):
-        """The params a stage in ``workdir`` exported (LM head or scalar head)."""
+        """The params a stage in ``workdir`` exported (LM head or scalar head: a reward
+        model, which must read rewards as ``self.cfg`` does)."""
+        if head == "scalar":
+            check_reward_readout(self.cfg, workdir)
         if head not in self._abstract:
             model = self.models.policy if head == "lm" else self.models.scalar
 
@@ -269,6 +272,23 @@ class Toolkit:
             out.append(flat[i : i + len(opts)])
             i += len(opts)
         return np.stack(out)
+
+
+def check_reward_readout(cfg: ModelConfig, reward_model: str) -> None:
+    """Raise unless the reward model in ``reward_model`` (a stage workdir) was trained with the
+    ``reward_readout`` that ``cfg`` scores with: a reward read one way from a head trained the
+    other is meaningless. Imported models (hf:, gguf:) read the last token."""
+    info = os.path.join(reward_model, "run_info.json")
+    if reward_model.startswith(("hf:", "gguf:")) or not fs.isfile(info):
+        trained = "last"
+    else:
+        model = json.loads(fs.read_text(info))["config"].get("model", {})
+        trained = model.get("reward_readout", "last")
+    if trained != cfg.reward_readout:
+        raise ValueError(
+            f"{info}: model.reward_readout={trained!r}, but this stage reads rewards with "
+            f"{cfg.reward_readout!r}; set --config.model.reward_readout={trained}"
+        )
 
 
 def stage_config(workdir: str) -> ml_collections.ConfigDict:

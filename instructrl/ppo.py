@@ -31,6 +31,7 @@ from instructrl.data import lm as lm_data
 from instructrl.data import sources
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
+from instructrl.policy_io import check_reward_readout
 from instructrl.train import Run, global_norm, lazy_state, optimizer_config
 
 
@@ -561,6 +562,7 @@ def run(config, workdir: str) -> PPOState:
     if adapters is not None or not hp.critic:  # the RM's own tree (no adapters)
         rm_abstract = lora.split(scalar_abstract(models, run.mesh, run.rules))[0]
     example = {"tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
+    check_reward_readout(run.model_cfg, config.ppo.reward_model)
     frozen = {
         # The reference policy; with LoRA also the base of the policy's adapters.
         "ref": run.lora_base(models.policy, example)

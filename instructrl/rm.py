@@ -2,9 +2,11 @@
 
 The RM is the SFT transformer with the LM head replaced by a scalar head, initialized from the
 SFT params (``init_from``). The reward of (prompt, response) is the scalar at the response's
-last token (its EOS). Eq. (1) is ``losses.ranking_loss``. With ``rm.pairs="shuffled"`` every
-ordered pair becomes its own batch element instead (the ablation of paper section 3.5: each
-completion then gets K-1 separate updates, which overfits). After training, a bias is added so
+last token (its EOS, ``model.reward_readout="last"``, the paper's) or its mean over the
+response's tokens ("mean": ``scoring.span_rewards``). Eq. (1) is ``losses.ranking_loss``.
+With ``rm.pairs="shuffled"`` every ordered pair becomes its own batch element instead (the
+ablation of paper section 3.5: each completion then gets K-1 separate updates, which
+overfits). After training, a bias is added so
 the labelers' demonstrations score mean 0 (section 3.5); it is folded into the scalar head's
 bias, so every later use of the RM applies it. The normalized params are written to
 ``workdir/export``, which ``init_from`` prefers.
@@ -36,7 +38,7 @@ from instructrl.evaluators import RankingAccuracy
 from instructrl.model import Transformer
 from instructrl.optim import make_optimizer
 from instructrl.presets import model_config
-from instructrl.scoring import rewards_at_last
+from instructrl.scoring import ranking_rewards, span_rewards
 from instructrl.tokenizer import make_tokenizer
 from instructrl.train import (
     Run,
@@ -50,10 +52,13 @@ from instructrl.train import (
 
 
 def batch_rewards(model: Transformer, params, batch, rules, **kwargs) -> jax.Array:
-    """(B, K) rewards of a ranking batch, padded (tokens (B, K, T), last) or packed
-    (``PackedRankingBatcher``). kwargs go to ``model.apply`` (dropout)."""
+    """(B, K) rewards of a ranking batch, padded (tokens (B, K, T), prompt, last) or packed
+    (``PackedRankingBatcher``), read as ``model.cfg.reward_readout`` says. kwargs go to
+    ``model.apply`` (dropout)."""
     if "index" not in batch:
-        return rewards_at_last(model, params, batch["tokens"], batch["last"], rules, **kwargs)
+        return ranking_rewards(
+            model, params, batch["tokens"], batch["prompt"], batch["last"], rules, **kwargs
+        )
     with nn.logical_axis_rules(rules):
         values = model.apply(
             {"params": params},
@@ -63,7 +68,8 @@ def batch_rewards(model: Transformer, params, batch, rules, **kwargs) -> jax.Arr
             branch_ids=batch.get("branch_ids"),
             **kwargs,
         )  # (R, T)
-    return values.reshape(-1)[batch["index"]]
+    readout, width = model.cfg.reward_readout, values.shape[1]
+    return span_rewards(values.reshape(-1), batch["first"], batch["index"], readout, width)
 
 
 def rm_step(model: Transformer, tx, rules, state: TrainState, batch, rng, base=None,
@@ -122,28 +128,32 @@ def normalization_bias(
         lm_data.encode_demonstration(tokenizer, d["prompt"], d["response"], seq_len - 1, template)
         for d in demonstrations
     ]
-    encoded = [e[0] for e in encoded if e is not None]
+    encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise lm_data.DataError("rm.normalize: no demonstration fits in seq_len")
-    tokens = np.full((len(encoded), 1, seq_len), tokenizer.pad_id, np.int32)
-    last = np.zeros((len(encoded), 1), np.int32)
-    for i, ids in enumerate(encoded):
-        tokens[i, 0, : len(ids)] = ids
-        last[i, 0] = len(ids) - 1
+    arrays = {
+        "tokens": np.full((len(encoded), 1, seq_len), tokenizer.pad_id, np.int32),
+        "prompt": np.zeros((len(encoded), 1), np.int32),  # the response's first index
+        "last": np.zeros((len(encoded), 1), np.int32),
+    }
+    for i, (ids, loss_mask) in enumerate(encoded):
+        arrays["tokens"][i, 0, : len(ids)] = ids
+        arrays["prompt"][i, 0] = len(loss_mask) - sum(loss_mask)
+        arrays["last"][i, 0] = len(ids) - 1
 
     @jax.jit
-    def score(params, tokens, last):
-        return rewards_at_last(model, params, tokens, last, rules)
+    def score(params, batch):
+        return batch_rewards(model, params, batch, rules)
 
     total = []
     for start in range(0, len(encoded), batch_size):
-        t, la = tokens[start : start + batch_size], last[start : start + batch_size]
-        real = len(t)
+        rows = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        real = len(rows["tokens"])
         if real < batch_size:
-            t = np.concatenate([t, np.repeat(t[:1], batch_size - real, 0)])
-            la = np.concatenate([la, np.repeat(la[:1], batch_size - real, 0)])
-        batch = sharding.put_global({"tokens": t, "last": la}, mesh)  # every host: all rows
-        total.append(sharding.to_host(score(params, batch["tokens"], batch["last"]))[:real, 0])
+            rows = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, 0)])
+                    for k, v in rows.items()}  # fmt: skip
+        batch = sharding.put_global(rows, mesh)  # every host: all rows
+        total.append(sharding.to_host(score(params, batch))[:real, 0])
     return -float(np.concatenate(total).mean())
 
 

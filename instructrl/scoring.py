@@ -7,8 +7,9 @@ One module for what PPO, evaluation, the rankings stage and the experiments meas
                      draws from* (temperature, top-k, top-p: ``sampler.filter_logits``), so a
                      PPO ratio compares like with like at T != 1
   response_values    a scalar-head model's outputs at the state before each response token
-  reward_scores      the reward model's score, read at each response's last token (its EOS)
-  rewards_at_last    the RM's scores of K responses per prompt, (B, K, T) -> (B, K)
+  reward_scores      the reward model's score of each response (``span_rewards``: the head at
+                     its last token, its EOS, or averaged over its tokens: ``reward_readout``)
+  ranking_rewards    the RM's scores of K responses per prompt, (B, K, T) -> (B, K)
   sequence_kl        sum over response tokens of log pi - log pi_ref (a sample estimate of
                      KL(pi || pi_ref) on responses drawn from pi)
 
@@ -192,24 +193,49 @@ def response_values(models: Models, params, prompt_tokens, prompt_mask, tokens, 
 
 def reward_scores(models: Models, rm_params, prompt_tokens, prompt_mask, tokens, mask,
                   packed: Packed | None = None):  # fmt: skip
-    """RM score (B,) read at each response's last token (its EOS when it has one);
-    ``packed``: as in ``response_logprobs``."""
+    """RM score (B,) of each response, read as ``models.scalar``'s ``reward_readout`` says
+    (``span_rewards``); ``packed``: as in ``response_logprobs``."""
+    readout = models.scalar.cfg.reward_readout
     if packed is not None:
-        return apply_packed(models.scalar, models.rules, rm_params, packed, packed.last)
+        if readout == "last":  # the head at the last tokens only
+            return apply_packed(models.scalar, models.rules, rm_params, packed, packed.last)
+        values = apply_packed(models.scalar, models.rules, rm_params, packed, None)  # (R, L)
+        first = packed.index[:, 0] + 1  # the state before a response's first token, + 1
+        return span_rewards(values.reshape(-1), first, packed.last, readout, packed.index.shape[1])
     full, full_mask = _full(prompt_tokens, prompt_mask, tokens, mask)
     values = apply(models.scalar, models.rules, rm_params, full, full_mask)  # (B, P + N)
-    last = prompt_tokens.shape[1] + losses.last_index(mask)
-    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+    p, width = prompt_tokens.shape[1], values.shape[1]
+    rows = jnp.arange(values.shape[0]) * width
+    last = rows + p + losses.last_index(mask)
+    return span_rewards(values.reshape(-1), rows + p, last, readout, tokens.shape[1])
 
 
-def rewards_at_last(model: Transformer, params, tokens, last, rules, **kwargs) -> jax.Array:
-    """Scalar rewards (B, K) of K right-padded sequences per prompt, tokens (B, K, T), read at
-    index ``last`` (B, K) (each sequence's EOS). kwargs go to ``model.apply`` (dropout)."""
+def span_rewards(values, first, last, readout: str, width: int) -> jax.Array:
+    """A reward model's score of each response from its scalar head's outputs ``values`` (L,)
+    (rows flattened): "last" (the paper's) the output at flat position ``last`` (an int array
+    of any shape, each response's last token); "mean" the mean of the outputs at positions
+    ``first`` .. ``last`` (the response's tokens, at most ``width`` of them). A reward read
+    at one token depends on that token's state alone; the mean lets every token of the
+    response carry its share (``ModelConfig.reward_readout``)."""
+    if readout == "last":
+        return values[last]
+    if readout != "mean":
+        raise ValueError(f"model.reward_readout must be 'last' or 'mean', got {readout!r}")
+    offsets = jnp.arange(width)
+    inside = offsets <= (last - first)[..., None]  # (..., width)
+    picked = values[jnp.minimum(first[..., None] + offsets, last[..., None])]
+    return jnp.where(inside, picked, 0.0).sum(-1) / inside.sum(-1)
+
+
+def ranking_rewards(model: Transformer, params, tokens, first, last, rules, **kwargs) -> jax.Array:
+    """Scalar rewards (B, K) of K right-padded sequences per prompt, tokens (B, K, T), each
+    response running from index ``first`` (B, K) (after its prompt) to ``last`` (B, K) (its
+    EOS), read by ``span_rewards``. kwargs go to ``model.apply`` (dropout)."""
     b, k, t = tokens.shape
     with nn.logical_axis_rules(rules):
         values = model.apply({"params": params}, tokens.reshape(b * k, t), **kwargs)  # (BK, T)
-    picked = jnp.take_along_axis(values, last.reshape(b * k, 1), axis=1)[:, 0]
-    return picked.reshape(b, k)
+    rows = jnp.arange(b * k).reshape(b, k) * t
+    return span_rewards(values.reshape(-1), rows + first, rows + last, model.cfg.reward_readout, t)
 
 
 def sequence_kl(logprobs, ref_logprobs, mask):

@@ -5,6 +5,7 @@ Each case builds a small randomly initialized model with transformers, saves it,
 exports our params and checks that ``from_pretrained`` gives the same logits again.
 """
 
+import dataclasses
 import json
 import os
 
@@ -151,6 +152,12 @@ def test_reward_model_export_and_import(mesh, tmp_path):
     np.testing.assert_allclose(exported + 0.5, ref + 0.5, atol=ATOL)
     _, _, again = convert.load_pretrained(str(tmp_path / "out"), mesh)
     np.testing.assert_allclose(_ours(cfg, "scalar", again, tokens)[:, -1], ref + 0.5, atol=ATOL)
+    # A reward model that averages over the response has no HF equivalent: refused, not
+    # exported as a last-token model.
+    mean_cfg = dataclasses.replace(cfg, reward_readout="mean")
+    with pytest.raises(ValueError, match="reward_readout='mean'"):
+        convert.export_hf(params, mean_cfg, str(tmp_path / "mean"), head="scalar")
+    assert not (tmp_path / "mean").exists()
 
 
 def test_errors_name_the_architecture_and_the_tensor(tmp_path):

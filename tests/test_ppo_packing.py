@@ -90,6 +90,19 @@ def test_packed_scores_equal_padded_scores():
     want = scoring.reward_scores(models, scalar, *args)
     got = scoring.reward_scores(models, scalar, *args, packed=packed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    # An RM that averages its head over the response: the same in both layouts, and the
+    # float64 mean of the head's outputs on the response tokens of the padded rows.
+    cfg = dataclasses.replace(models.scalar.cfg, reward_readout="mean")
+    mean_models = dataclasses.replace(models, scalar=Transformer(cfg, head="scalar"))
+    want = np.asarray(scoring.reward_scores(mean_models, scalar, *args))
+    got = scoring.reward_scores(mean_models, scalar, *args, packed=packed)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    full = np.asarray(scoring.apply(models.scalar, models.rules, scalar,
+                                    *scoring._full(*args)), np.float64)  # fmt: skip
+    p = pt.shape[1]
+    for b in range(len(t)):
+        assert abs(want[b] - full[b, p : p + int(m[b].sum())].mean()) < 2e-5
+    assert not np.allclose(want, np.asarray(scoring.reward_scores(models, scalar, *args)))
 
 
 def test_packed_iteration_equals_padded_iteration():

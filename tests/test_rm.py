@@ -35,7 +35,9 @@ def test_encode_rankings_masks_variable_k_and_marks_last_token():
 
 def test_packed_batches_give_the_padded_rewards():
     """Responses packed side by side (own positions, own segments) score exactly as each one
-    alone in its padded slot; every response of the batch is in one row once."""
+    alone in its padded slot, read at the last token or averaged over the response (checked
+    against a NumPy mean of the padded outputs); every response of the batch is in one row
+    once."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -70,16 +72,24 @@ def test_packed_batches_give_the_padded_rewards():
         assert tokens == int((arrays["last"][rows] + 1)[mask].sum()) - share * sum(
             int(arrays["prompt"][rows[i], ks[0]]) * (len(ks) - 1) for i, _, ks, _ in pieces
         )
-        for llama in (False, True):
-            cfg = preset("llama-tiny" if llama else "tiny", vocab_size=384)
+        padded = {k: arrays[k][rows] for k in ("tokens", "prompt", "last")}
+        for name, readout in (("tiny", "last"), ("llama-tiny", "last"), ("tiny", "mean")):
+            cfg = preset(name, vocab_size=384, reward_readout=readout)
             model = Transformer(cfg, head="scalar")
             init = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
             params = nn.unbox(init["params"])
             rules = sharding.LOGICAL_RULES
             packed = np.asarray(rm.batch_rewards(model, params, batch, rules))
-            padded = {"tokens": arrays["tokens"][rows], "last": arrays["last"][rows]}
             want = np.asarray(rm.batch_rewards(model, params, padded, rules))
             np.testing.assert_allclose(packed[mask], want[mask], atol=1e-5)
+            if readout == "mean":  # the padded mean against NumPy's
+                b, k, t = padded["tokens"].shape
+                values = np.asarray(model.apply({"params": params},
+                                                padded["tokens"].reshape(b * k, t)))  # fmt: skip
+                values = values.reshape(b, k, t).astype(np.float64)
+                for i, j in zip(*np.nonzero(mask), strict=True):
+                    span = values[i, j, padded["prompt"][i, j] : padded["last"][i, j] + 1]
+                    assert abs(want[i, j] - span.mean()) < 1e-5
     # Over 2 shards, two hosts (each its own shard) build the one host's global batch.
     one = rm.PackedRankingBatcher(arrays, 12, seed=0, shards=2).batch(0)
     two = [rm.PackedRankingBatcher(arrays, 12, 0, slice(6 * h, 6 * h + 6), 2).batch(0)
@@ -140,12 +150,13 @@ def test_rm_learns_world_rankings_and_normalizes(tmp_path):
     from instructrl import sharding
     from instructrl.model import Transformer
     from instructrl.presets import preset
-    from instructrl.scoring import rewards_at_last
+    from instructrl.scoring import ranking_rewards
 
     model = Transformer(preset("tiny", vocab_size=384), head="scalar")
-    rewards = rewards_at_last(
-        model, state.params, arrays["tokens"], arrays["last"], sharding.LOGICAL_RULES
-    )
+    rewards = ranking_rewards(
+        model, state.params, arrays["tokens"], arrays["prompt"], arrays["last"],
+        sharding.LOGICAL_RULES,
+    )  # fmt: skip
     assert abs(float(np.asarray(rewards)[:, 0].mean())) < 1e-3
 
 
@@ -223,3 +234,27 @@ def test_ranking_batcher_buckets_by_k_and_trims_slots():
         epochs.append(seen)
     assert epochs[0] != epochs[1]
     assert np.mean(widths) < 1.0  # like-K batches: padding mostly gone (random: ~6 slots)
+
+
+def test_a_reward_model_is_read_as_it_was_trained(tmp_path):
+    """PPO, evaluation and best-of-n load the RM through check_reward_readout: a head trained
+    to be averaged over the response is refused by a stage that reads the last token (and
+    the reverse), naming the file and the field; imported models read the last token."""
+    import json
+
+    import pytest
+
+    from instructrl.model import ModelConfig
+    from instructrl.policy_io import check_reward_readout
+
+    (tmp_path / "run_info.json").write_text(
+        json.dumps({"config": {"model": {"reward_readout": "mean"}}})
+    )
+    check_reward_readout(ModelConfig(reward_readout="mean"), str(tmp_path))
+    with pytest.raises(ValueError, match=r"run_info.json: model.reward_readout='mean'"):
+        check_reward_readout(ModelConfig(), str(tmp_path))
+    check_reward_readout(ModelConfig(), f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="reward_readout='last'"):
+        check_reward_readout(ModelConfig(reward_readout="mean"), f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="model.reward_readout must be one of"):
+        ModelConfig(reward_readout="max")

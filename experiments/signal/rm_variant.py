@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--rankings", default="")
     p.add_argument("--first", type=int, default=0, help="0: every ranking")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     runtime.configure()
     runtime.setup_logging()
     with open(os.path.join(a.run, "rm", "run_info.json")) as f:
@@ -51,7 +51,7 @@ def main(argv=None):
         node = cfg
         for name in parents:
             node = node[name]
-        old = node[last]
+        old = node.get(last, "")  # a field the run's config predates is a string
         node[last] = (value == "True") if isinstance(old, bool) else type(old)(value)
     cfg.train.progress = False
     start = time.time()

@@ -381,6 +381,12 @@ def export_hf(
     """Write ``params`` (scanned or unrolled) as a Hugging Face directory: config.json,
     model.safetensors, and tokenizer files copied from ``tokenizer_dir``. Tensors are fetched
     from the devices one at a time. ``ids``: bos_token_id / eos_token_id / pad_token_id."""
+    if head == "scalar" and cfg.reward_readout != "last":
+        raise ValueError(
+            f"model.reward_readout={cfg.reward_readout!r}: a Hugging Face sequence-classification "
+            "model reads its score at the last token only; export a reward model trained with "
+            "model.reward_readout='last'"
+        )
     os.makedirs(directory, exist_ok=True)
     params = nn.unbox(params)  # fresh Flax params may still carry their logical-axis boxes
     flat = traverse_util.flatten_dict(params)

@@ -158,10 +158,11 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
 
     batch(step): tokens, positions, segment_ids, branch_ids (R, row_len) of this host;
     index (B, K) of each response's last token in the flattened (R * row_len) rows of the
-    global batch; ranks, mask (B, K). With ``response_tokens`` N > 0 (a policy's log-probs
-    of each response, DPO) also: targets (B, K, N) the response's tokens (after the prompt,
-    through EOS), before (B, K, N) the flat global position of the state that predicts each
-    (a response's first token: its prompt copy's last position), target_mask (B, K, N).
+    global batch, first (B, K) of its first token (after its prompt); ranks, mask (B, K).
+    With ``response_tokens`` N > 0 (a policy's log-probs of each response, DPO) also:
+    targets (B, K, N) the response's tokens (after the prompt, through EOS), before (B, K, N)
+    the flat global position of the state that predicts each (a response's first token: its
+    prompt copy's last position), target_mask (B, K, N).
     """
 
     def __init__(self, arrays, batch_size, seed, host_rows=None, shards: int = 1,
@@ -236,6 +237,7 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
         out = {key: np.zeros((num_rows * len(mine), t), np.int32) for key in keys}
         tokens, last = self.arrays["tokens"], self.arrays["last"]
         index = np.zeros((len(rows), tokens.shape[1]), np.int32)
+        starts = np.zeros_like(index)  # each response's first token
         n_max = self.response_tokens
         if n_max:
             for key, dtype in (("before", np.int32), ("targets", np.int32), ("target_mask", bool)):
@@ -258,10 +260,11 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
                     out["positions"][r, span] = np.arange(p, p + n)
                     out["branch_ids"][r, span] = branch
                     index[i, k] = base + at_response + n - 1
+                    # Sequence position s (prompt + response) sits at at + s in the shared
+                    # prompt (s < p), else at at_response + s - p in this branch.
+                    start = int(self.arrays["prompt"][rows[i], k])
+                    starts[i, k] = base + at_response + start - p
                     if n_max:
-                        # Sequence position s (prompt + response) sits at at + s in the shared
-                        # prompt (s < p), else at at_response + s - p in this branch.
-                        start = int(self.arrays["prompt"][rows[i], k])
                         s = np.arange(start, p + n)
                         prev = s - 1
                         flat = np.where(prev < p, at + prev, at_response + prev - p)
@@ -270,7 +273,8 @@ class PackedRankingBatcher(lm_data.EpochBatcher):
                         out["target_mask"][i, k, : len(s)] = True
                     at_response += n
                 at += length
-        out.update(index=index, ranks=self.arrays["ranks"][rows], mask=self.arrays["mask"][rows])
+        out.update(index=index, first=starts, ranks=self.arrays["ranks"][rows],
+                   mask=self.arrays["mask"][rows])  # fmt: skip
         return out
 
 
