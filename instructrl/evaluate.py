@@ -153,7 +153,10 @@ def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) ->
     with timers.time("restore"):
         params = {m: tk_of[m].params(d) for m, d in models.items()
                   if m == "sft" or m not in reused}  # fmt: skip
-        rm_params = tk.params(rm_dir, head="scalar") if rm_dir else None
+        # The RM scores with its own config (its reward_readout), which an SFT stage reused
+        # from an earlier run may not share.
+        rm_tk = Toolkit.from_workdir(rm_dir, int(e.batch_size), toolkits) if rm_dir else None
+        rm_params = rm_tk.params(rm_dir, head="scalar") if rm_dir else None
     docs = world.pretraining_corpus(int(e.pretrain_docs), seed=int(e.seed) + 7919)
     items = read_jsonl(os.path.join(e.world_dir, "heldout_tasks.jsonl"))
     sampling = scoring.Sampling(
@@ -204,7 +207,7 @@ def run(config, workdir: str, models: dict[str, str] | None = None, reuse=()) ->
                 logprobs = tk_of[m].logprobs(params[m], b, sampling)
                 ref = tk.logprobs(params["sft"], b, sampling.reference())
                 res["kl_to_sft"] = float(scoring.sequence_kl(logprobs, ref, b.mask).mean())
-            res["rm_score"] = float(tk.rm_scores(rm_params, b).mean()) if rm_params else None
+            res["rm_score"] = float(rm_tk.rm_scores(rm_params, b).mean()) if rm_dir else None
             if models[m] not in lm_losses:  # base and base_fewshot are the same weights
                 lm_losses[models[m]] = tk_of[m].lm_loss(params[m], docs, int(e.lm_seq_len))
             res["pretrain_loss"] = lm_losses[models[m]]

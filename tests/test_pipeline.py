@@ -346,19 +346,31 @@ def test_experiment_tiny_variant_writes_its_report(experiments, name):
 @pytest.mark.parametrize("stage", ["ppo_ptx", "rm"])
 def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
     """``python -m instructrl.convert --export`` turns a stage's workdir into a directory that
-    transformers loads unchanged, with the same logits (PPO's EMA policy) or rewards (RM)."""
+    transformers loads unchanged, with the same logits (PPO's EMA policy) or rewards (RM). The
+    pipeline's RM averages over the response, which a HF classifier cannot: its export is
+    refused, and its weights exported as a last-token RM must still score as ours."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from instructrl import convert
     from instructrl.convert.__main__ import main as convert_main
     from instructrl.model import Transformer
     from instructrl.policy_io import Toolkit
 
     _, workdir, _, _ = run
     stage_dir = os.path.join(workdir, stage)
-    out = convert_main(["--export", stage_dir, "--out", str(tmp_path / "hf")])
     tk = Toolkit.from_workdir(stage_dir)
     head = "scalar" if stage == "rm" else "lm"
     params = tk.params(stage_dir, head=head)
+    out = str(tmp_path / "hf")
+    if head == "scalar":
+        assert tk.cfg.reward_readout == "mean"
+        with pytest.raises(ValueError, match="reward_readout='mean'"):
+            convert_main(["--export", stage_dir, "--out", out])
+        last = dataclasses.replace(tk.cfg, reward_readout="last")
+        convert.export_hf(params, last, out, head="scalar", tokenizer_dir=None,
+                          pad_token_id=tk.tokenizer.pad_id)  # fmt: skip
+    else:
+        out = convert_main(["--export", stage_dir, "--out", out])
     tokens = np.random.default_rng(0).integers(1, tk.tokenizer.vocab_size, (2, 12)).astype(np.int32)
     special = (tk.tokenizer.pad_id, tk.tokenizer.eos_id)  # HF's classifier stops at a pad id
     tokens[np.isin(tokens, special)] = next(i for i in range(1, 9) if i not in special)
@@ -379,7 +391,7 @@ def test_trained_stage_exports_to_transformers(run, stage, tmp_path):
         np.testing.assert_allclose(theirs[:, 0] + bias, ours[:, -1], atol=1e-4)
     else:
         np.testing.assert_allclose(theirs, ours[..., : theirs.shape[-1]], atol=1e-4)
-    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+        assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
 # ---- the user surface on the pipeline's stages: sample, chat, evaluate ----------------------
