@@ -240,8 +240,10 @@ def signal(config, workdir, tiny):
     tk = Toolkit.from_workdir(rm_dir, batch_size=64)
     texts = [t for r in rows for t in r["responses"]]
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
-    # + 1: the RM stage scores every response with its EOS, one cut at max_new_tokens too.
-    max_new = int(common.stage_config(config, workdir, "rankings").max_new_tokens) + 1
+    # Every response whole and with its EOS, as the RM stage scored it: a sampled response
+    # can re-tokenize longer than the max_new_tokens it was drawn with (15 of 34 in the
+    # suite's tiny world), and a cut one scores differently, most of all read as a mean.
+    max_new = max(len(tk.tokenizer.encode(t)) for t in texts) + 1
     flat = tk.rm_scores(
         tk.params(rm_dir, head="scalar"), tk.batch_from_texts(prompts, texts, max_new, tk.template)
     )
