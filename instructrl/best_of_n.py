@@ -56,16 +56,18 @@ def draw_and_rank(
     *,
     seed: int,
     timers: Timers | None = None,
+    rm_tk: Toolkit | None = None,
     **sample,
 ) -> dict[int, dict]:
     """{n: {"texts": best-of-n answer per prompt, "rm_scores": (P,) their RM scores}}: max(ns)
     draws per prompt from ``params`` (``Toolkit.sample`` with ``sample``'s settings and
-    ``seed``), ranked by the RM ``rm_params``."""
+    ``seed``), ranked by the RM ``rm_params`` as ``rm_tk`` scores (default ``tk``: the RM
+    shares the policy's config)."""
     timers = timers or Timers()
     with timers.time("sampling"):
         draws = tk.sample(params, prompts * max(ns), seed=seed, **sample)  # draw-major
     with timers.time("scoring"):
-        scores = tk.rm_scores(rm_params, draws).reshape(max(ns), len(prompts))
+        scores = (rm_tk or tk).rm_scores(rm_params, draws).reshape(max(ns), len(prompts))
     out = {}
     for n in ns:
         best = pick(scores, n)
@@ -89,12 +91,16 @@ def run(config, workdir: str) -> dict:
     fs.makedirs(workdir)
     timers = Timers()
     world = World.from_config(config.world)
-    tk = Toolkit.from_workdir(config.policy, int(config.batch_size))
+    toolkits = {}  # the policy and the RM share one Toolkit where their configs agree
+    tk = Toolkit.from_workdir(config.policy, int(config.batch_size), toolkits)
+    # The RM scores with its own config (its reward_readout), which the SFT stage may not
+    # share (an SFT reused from an earlier run), as the evaluation's does.
+    rm_tk = Toolkit.from_workdir(config.reward_model, int(config.batch_size), toolkits)
     records = read_jsonl(os.path.join(config.world_dir, "prompts_eval.jsonl"))
     prompts = [r["prompt"] for r in records]
     with timers.time("restore"):
         params = tk.params(config.policy)
-        rm_params = tk.params(config.reward_model, head="scalar")
+        rm_params = rm_tk.params(config.reward_model, head="scalar")
     sample = dict(
         max_new_tokens=int(config.max_new_tokens),
         temperature=float(config.temperature),
@@ -106,7 +112,7 @@ def run(config, workdir: str) -> dict:
     with timers.time("sampling"):
         baseline = tk.sample(params, prompts, seed=seed, **sample)  # the evaluation's SFT
     ranked = draw_and_rank(tk, params, rm_params, prompts, ns, seed=seed + 1, timers=timers,
-                           **sample)  # fmt: skip
+                           rm_tk=rm_tk, **sample)  # fmt: skip
     results = {}
     for n in ns:
         texts = ranked[n]["texts"]

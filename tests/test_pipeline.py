@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import pipeline_flags
 
-from instructrl import evaluate, pipeline, report, stages
+from instructrl import best_of_n, evaluate, pipeline, report, stages
 from instructrl.train import PAUSE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -596,6 +596,29 @@ def test_evaluation_reuses_what_was_evaluated_in_the_same_context(run, tmp_path)
     with open(sft / "run_info.json", "a") as f:
         f.write(" ")
     assert evaluate._fingerprint(str(sft)) != first
+
+
+def test_best_of_n_scores_with_the_reward_model_s_own_readout(run, tmp_path):
+    """Best-of-n of an SFT stage whose config reads rewards another way (an SFT from before the
+    RM's readout, here its run_info.json says "last") ranks with the RM's own readout: the
+    same picks, RM scores and judgements as the SFT of the RM's own run. It once loaded the RM
+    with the SFT's config and refused it."""
+    config, workdir = run[0], run[1]
+    c = config.copy_and_resolve_references()
+    c.stages = ["world", "pretrain", "sft", "rankings", "rm", "best_of_n"]
+    section = pipeline.resolve(c, workdir)["best_of_n"]
+    section.n = [1, 2]
+    sft = tmp_path / "sft_last"
+    shutil.copytree(_stage(run, "sft"), sft)
+    info = json.load(open(sft / "run_info.json"))
+    assert info["config"]["model"]["reward_readout"] == "mean"
+    info["config"]["model"]["reward_readout"] = "last"
+    (sft / "run_info.json").write_text(json.dumps(info))
+    want = best_of_n.run(section, str(tmp_path / "own"))
+    section.policy = str(sft)
+    got = best_of_n.run(section, str(tmp_path / "last"))
+    assert got == want
+    assert want["models"]["best_of_1"]["rm_score"] <= want["models"]["best_of_2"]["rm_score"]
 
 
 def test_variants_reuse_the_pipelines_own_policies_when_their_settings_match(experiments):
