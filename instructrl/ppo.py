@@ -3,8 +3,9 @@
 objective(phi) = E_{(x,y)~pi}[ r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ]
                  + gamma * E_{x~D_pretrain}[ log pi(x) ]
 kl_coef is beta, ptx_coef is gamma (plain "PPO": gamma = 0). The policy starts from SFT; the
-reference policy is the frozen SFT; the reward model (normalized, frozen) scores the last
-response token; a separate value model starts from the RM. One iteration composes four jitted
+reference policy is the frozen SFT; the reward model (normalized, frozen) scores the response
+as it was trained to (its last token or its mean over the response, ``model.reward_readout``);
+a separate value model starts from the RM. One iteration composes four jitted
 phases over a ``Rollout``: generate -> score -> advantages -> update, the update being
 epochs x minibatches as ``lax.scan``. Frozen params are arguments, never captured constants.
 Every hyperparameter reaches the math through one frozen ``Hparams``, built from the config in
