@@ -11,7 +11,8 @@ of the stages it reads. Derived values are resolved only here, after every overr
 ``--config.ptx_coef=0.3`` reaches PPO-ptx and ``--config.rl.ppo.kl_coef=0.05`` both RL stages.
 
 Each stage writes under DIR/<stage> and then DIR/<stage>/DONE; a rerun skips finished stages
-and resumes an interrupted one from its own checkpoints.
+and resumes an interrupted one from its own checkpoints. A finished stage whose settings differ
+from the config's is kept, with a warning that names each differing setting.
 """
 
 from __future__ import annotations
@@ -101,6 +102,37 @@ def groups(names: list[str], parallel: bool) -> list[list[str]]:
     return out
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _is_wiring(value) -> bool:
+    """A path (a stage's input, wired by ``resolve``): a run moved or linked elsewhere keeps
+    its stages, so paths are not settings."""
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(isinstance(v, str) and os.sep in v for v in values)
+
+
+def changed_settings(stage_dir: str, section) -> list[str]:
+    """The settings a finished stage ran with (its run_info.json) that ``section`` now sets
+    otherwise, as "key: then -> now"; paths and keys only one side has are left out (a field
+    added to the code since). [] for a stage without a run_info.json (world, report)."""
+    path = os.path.join(stage_dir, "run_info.json")
+    if not fs.exists(path):
+        return []
+    then = _flat(json.loads(fs.read_text(path)).get("config") or {})
+    now = _flat(json.loads(section.to_json_best_effort()))
+    keys = sorted(k for k in then.keys() & now.keys() if then[k] != now[k])
+    return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in keys
+            if not (_is_wiring(then[k]) and _is_wiring(now[k]))]  # fmt: skip
+
+
 def run(config, workdir: str) -> dict:
     """Run every stage of ``config.stages`` not yet done; returns {stage: seconds}.
 
@@ -114,6 +146,13 @@ def run(config, workdir: str) -> dict:
     timings = json.loads(fs.read_text(timings_path)) if fs.exists(timings_path) else {}
     index = {name: i for i, name in enumerate(resolved, start=1)}
     parallel = bool(config.get("parallel", False)) and jax.process_count() == 1
+    for name, section in resolved.items():  # a finished stage is kept as it was run
+        where = os.path.join(workdir, name)
+        changed = changed_settings(where, section) if is_done(where) else []
+        if changed:
+            log.warning("stage %s is done with other settings than this config's, and is kept "
+                        "as it was (remove %s to run it again): %s", name, where,
+                        "; ".join(changed))  # fmt: skip
     for group in groups(list(resolved), parallel):
         todo = [n for n in group if not is_done(os.path.join(workdir, n))]
         for name in group:

@@ -158,15 +158,27 @@ def _leaves(tree):
     return [(p, np.asarray(v)) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def test_resumes_without_recomputing_finished_stages(run):
+def test_resumes_without_recomputing_finished_stages(run, caplog):
+    """A rerun keeps finished stages; one run with other settings than the config's now sets
+    is kept too, with a warning naming each changed setting (paths are wiring, not settings:
+    the first call wired the same stages)."""
     config, workdir, stamps, timings = run
     for stage, stamp in stamps.items():
         assert os.path.getmtime(os.path.join(workdir, stage, "DONE")) == stamp, stage
     assert set(timings) == set(pipeline.STAGE_NAMES)  # the timings file keeps earlier stages
-    again = pipeline.run(config, workdir)
-    assert again == timings
+    with caplog.at_level("WARNING", logger="instructrl.pipeline"):
+        again = pipeline.run(config, workdir)
+    assert again == timings and not caplog.records
     for stage in pipeline.STAGE_NAMES:
         assert os.path.exists(os.path.join(workdir, stage, "DONE"))
+    changed = config.copy_and_resolve_references()
+    changed.rl.ppo.kl_coef = 0.5
+    with caplog.at_level("WARNING", logger="instructrl.pipeline"):
+        assert pipeline.run(changed, workdir) == timings
+    warned = {r.getMessage().split()[1]: r.getMessage() for r in caplog.records}
+    assert set(warned) == {"ppo", "ppo_ptx"}
+    for message in warned.values():
+        assert f"ppo.kl_coef: {float(config.rl.ppo.kl_coef)!r} -> 0.5" in message
 
 
 def test_stages_hand_off_through_init_from(run):
