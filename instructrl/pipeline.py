@@ -25,6 +25,7 @@ import time
 
 import jax
 import ml_collections
+from flax.traverse_util import flatten_dict
 
 from instructrl import config_lib, fs, preemption, runtime
 from instructrl.stages import BY_NAME, OPTIONAL, STAGES, world_section
@@ -102,16 +103,6 @@ def groups(names: list[str], parallel: bool) -> list[list[str]]:
     return out
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _is_wiring(value) -> bool:
     """A path (a stage's input, wired by ``resolve``): a run moved or linked elsewhere keeps
     its stages, so paths are not settings."""
@@ -126,8 +117,8 @@ def changed_settings(stage_dir: str, section) -> list[str]:
     path = os.path.join(stage_dir, "run_info.json")
     if not fs.exists(path):
         return []
-    then = _flat(json.loads(fs.read_text(path)).get("config") or {})
-    now = _flat(json.loads(section.to_json_best_effort()))
+    then = flatten_dict(json.loads(fs.read_text(path)).get("config") or {}, sep=".")
+    now = flatten_dict(json.loads(section.to_json_best_effort()), sep=".")
     keys = sorted(k for k in then.keys() & now.keys() if then[k] != now[k])
     return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in keys
             if not (_is_wiring(then[k]) and _is_wiring(now[k]))]  # fmt: skip
